@@ -1,0 +1,290 @@
+"""The ``dabench`` command line.
+
+    dabench list methods|datasets|suites|validators|plugins [--json]
+    dabench run SUITE [--results DIR] [--methods a,b] [--pairs x,y] [--seeds N]
+                      [--device auto|cpu|cuda[:i]] [--retry-failed]
+    dabench leaderboard DIR [--format md|csv|json] [--out FILE] [--validator NAME]
+
+Every command takes ``--plugins-dir DIR`` (load each ``*.py`` there as a
+plugin).  Exit codes: 0 success, 1 runtime failure, 2 bad input (suite,
+arguments, missing data), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+
+EXIT_BAD_INPUT = 2
+
+
+class Console:
+    """All user-facing output of the CLI goes through here (stderr for
+    progress and diagnostics, stdout for requested data)."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+
+    def out(self, text: str = "") -> None:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+    def info(self, text: str) -> None:
+        if not self.quiet:
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+
+    def error(self, text: str) -> None:
+        sys.stderr.write(f"dabench: error: {text}\n")
+        sys.stderr.flush()
+
+    def warn(self, text: str) -> None:
+        sys.stderr.write(f"dabench: warning: {text}\n")
+        sys.stderr.flush()
+
+
+def _fmt_time(s: float) -> str:
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+def _registry(args: argparse.Namespace, console: Console):
+    from .plugins import get_registry
+
+    reg = get_registry(plugins_dir=getattr(args, "plugins_dir", None))
+    for err in reg.errors:
+        console.warn(str(err))
+    return reg
+
+
+# ------------------------------------------------------------------ list
+
+
+def cmd_list(args: argparse.Namespace, console: Console) -> int:
+    reg = _registry(args, console)
+    what = args.what
+    rows: list[dict[str, Any]]
+    if what == "methods":
+        rows = []
+        for name, cls in sorted(reg.methods.items()):
+            rows.append({
+                "name": name, "family": cls.family, "version": str(cls.version),
+                "plugin": reg.owner.get(("method", name), ""),
+                "requires": sorted(cls.requires), "reference": bool(cls.reference),
+                "paper": cls.paper,
+                "hyperparameters": {k: {"default": hp.default, "kind": hp.kind, "low": hp.low, "high": hp.high,
+                                        "log": hp.log, "choices": list(hp.choices)}
+                                    for k, hp in sorted(cls.hyperparameters.items())},
+            })
+    elif what == "datasets":
+        rows = [{"name": n, "label_space": d.label_space, "n_classes": d.n_classes, "shape": list(d.shape),
+                 "base": d.base, "plugin": reg.owner.get(("dataset", n), ""), "description": d.description,
+                 "source": d.source} for n, d in sorted(reg.datasets.items())]
+    elif what == "validators":
+        rows = [{"name": n, "paper": getattr(v, "paper", ""), "plugin": reg.owner.get(("validator", n), "")}
+                for n, v in sorted(reg.validators.items())]
+    elif what == "plugins":
+        rows = [{"name": p.name, "origin": p.origin, "methods": p.methods, "datasets": p.datasets,
+                 "validators": p.validators, "backbones": p.backbones} for p in reg.plugins.values()]
+        rows += [{"name": e.plugin, "error": e.message} for e in reg.errors]
+    else:  # suites
+        from .suite import SuiteError, parse_suite
+
+        folder = Path(args.suites_dir)
+        rows = []
+        for path in sorted(folder.glob("*.toml")):
+            try:
+                s = parse_suite(path, reg)
+                runs = len(s.expand(reg))
+                rows.append({"name": s.name, "path": str(path), "pairs": [p.name for p in s.pairs],
+                             "methods": [m.name for m in s.methods], "seeds": len(s.seeds), "runs": runs,
+                             "description": s.description})
+            except SuiteError as e:
+                rows.append({"name": path.stem, "path": str(path), "error": str(e)})
+    if args.json:
+        console.out(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        console.out(f"no {what} found")
+        return 0
+    for r in rows:
+        if "error" in r:
+            console.out(f"{r['name']:<22} ERROR: {r['error']}")
+        elif what == "methods":
+            req = f"  requires: {', '.join(r['requires'])}" if r["requires"] else ""
+            console.out(f"{r['name']:<16} {r['family']:<13} v{r['version']:<4} [{r['plugin']}]{req}")
+        elif what == "datasets":
+            console.out(f"{r['name']:<18} {r['label_space']:<11} {r['n_classes']:>3} classes  shape {tuple(r['shape'])}  "
+                        f"{r['description']}")
+        elif what == "validators":
+            console.out(f"{r['name']:<14} {r['paper']}")
+        elif what == "plugins":
+            console.out(f"{r['name']:<16} {r['origin']}")
+        else:
+            console.out(f"{r['name']:<14} {r['path']:<28} {r['runs']:>4} runs  {len(r['pairs'])} pairs × "
+                        f"{len(r['methods'])} methods × {r['seeds']} seeds")
+    return 0
+
+
+# ------------------------------------------------------------------ run
+
+
+def _split_list(s: str | None) -> list[str] | None:
+    return [x.strip() for x in s.split(",") if x.strip()] if s else None
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from .leaderboard import write_reports
+    from .runner import Runner
+    from .store import RunStore, StoreError
+    from .suite import SuiteError, parse_suite
+    from .training import resolve_device
+
+    reg = _registry(args, console)
+    try:
+        suite = parse_suite(args.suite, reg).restrict(_split_list(args.methods), _split_list(args.pairs), args.seeds)
+    except SuiteError as e:
+        console.error(str(e))
+        return EXIT_BAD_INPUT
+    try:
+        device = resolve_device(args.device)
+    except (ValueError, RuntimeError) as e:
+        console.error(f"--device: {e}")
+        return EXIT_BAD_INPUT
+    results = Path(args.results) if args.results else Path("results") / suite.name
+    try:
+        store = RunStore(results)
+    except (StoreError, OSError) as e:
+        console.error(str(e))
+        return EXIT_BAD_INPUT
+
+    state = {"t0": time.perf_counter(), "ran": 0}
+
+    def on_event(kind: str, **ev: Any) -> None:
+        if kind == "start":
+            console.info(f"dabench {__version__}: suite {suite.name!r} ({suite.path}) on {device}: "
+                         f"{ev['total']} runs, {ev['done']} already in {store.path}, {ev['todo']} to do")
+        elif kind == "run_start":
+            s = ev["spec"]
+            done, todo, el = ev["index"], ev["todo"], ev["elapsed"]
+            eta = f"~{_fmt_time(el / done * (todo - done))}" if done else "?"
+            console.info(f"[{done + 1}/{todo}] {s.pair.name.replace(':', '→')} · {s.method}"
+                         f"{f' #{s.point}' if s.point else ''} · seed {s.seed} · elapsed {_fmt_time(el)} · remaining {eta}")
+        elif kind == "run_end":
+            r = ev["result"]
+            if r.status == "ok":
+                console.info(f"      ok: target acc {r.target_acc:.3f}, source acc {r.source_acc:.3f} "
+                             f"({r.wall_time_s:.1f} s)")
+            else:
+                console.info(f"      {r.status}: {r.reason}")
+
+    store.set_meta("validator", suite.validator)
+    runner = Runner(reg, store, device=device, data_root=args.data_root, on_event=on_event)
+    try:
+        summary = runner.run(suite, retry_failed=args.retry_failed)
+    except KeyboardInterrupt:
+        console.error(f"interrupted; {store.count()} runs are safely stored in {store.path}; "
+                      f"rerun the same command to resume")
+        return 130
+    paths = write_reports(results, results, validator=suite.validator, suite=suite.name)
+    store.close()
+    console.info(f"done in {_fmt_time(summary.wall_time_s)}: {summary.ran} runs ({summary.ok} ok, "
+                 f"{summary.failed} failed, {summary.skipped} skipped), {summary.already_done} already stored")
+    for p in paths.values():
+        console.info(f"wrote {p}")
+    if summary.failed:
+        console.warn(f"{summary.failed} runs failed; their reasons are in the leaderboard; "
+                     f"`--retry-failed` reruns them")
+    return 0
+
+
+# ------------------------------------------------------------------ leaderboard
+
+
+def cmd_leaderboard(args: argparse.Namespace, console: Console) -> int:
+    from .leaderboard import LeaderboardError, build_leaderboard, to_csv, to_json, to_markdown
+    from .store import RunStore, StoreError
+
+    try:
+        with RunStore(args.dir, create=False) as st:
+            validator = args.validator or st.get_meta("validator") or "source-val"
+    except StoreError as e:
+        console.error(str(e))
+        return EXIT_BAD_INPUT
+    try:
+        board = build_leaderboard(args.dir, validator=validator, suite=args.suite)
+    except LeaderboardError as e:
+        console.error(str(e))
+        return EXIT_BAD_INPUT
+    text = {"md": to_markdown, "csv": to_csv, "json": to_json}[args.format](board)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+        console.info(f"wrote {args.out}")
+    else:
+        console.out(text.rstrip("\n"))
+    return 0
+
+
+# ------------------------------------------------------------------ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dabench", description="Benchmark domain adaptation methods honestly.")
+    p.add_argument("--version", action="version", version=f"dabench {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--plugins-dir", metavar="DIR", help="also load every .py file in DIR as a plugin")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging (tracebacks of failed runs)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ls = sub.add_parser("list", parents=[common], help="list methods, datasets, suites, validators or plugins")
+    ls.add_argument("what", choices=["methods", "datasets", "suites", "validators", "plugins"])
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.add_argument("--suites-dir", default="suites", help="folder of suite files (default: ./suites)")
+    ls.set_defaults(func=cmd_list)
+
+    run = sub.add_parser("run", parents=[common], help="run a suite (resumes: stored runs are skipped)")
+    run.add_argument("suite", metavar="SUITE", help="a suite TOML file, e.g. suites/quick.toml")
+    run.add_argument("--results", metavar="DIR", help="results folder (default: results/<suite name>)")
+    run.add_argument("--methods", metavar="A,B", help="only these methods of the suite")
+    run.add_argument("--pairs", metavar="X,Y", help="only these pairs of the suite (source:target)")
+    run.add_argument("--seeds", type=int, metavar="N", help="use seeds 0..N-1 instead of the suite's")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:i (default: auto)")
+    run.add_argument("--data-root", metavar="DIR", help="where downloadable datasets live")
+    run.add_argument("--retry-failed", action="store_true", help="rerun runs stored as failed")
+    run.set_defaults(func=cmd_run)
+
+    lb = sub.add_parser("leaderboard", parents=[common], help="render the leaderboard of a results folder")
+    lb.add_argument("dir", metavar="DIR", help="a results folder holding runs.sqlite")
+    lb.add_argument("--format", choices=["md", "csv", "json"], default="md")
+    lb.add_argument("--out", metavar="FILE", help="write to FILE instead of stdout")
+    lb.add_argument("--validator", help="validator for hyperparameter selection (default: the suite's)")
+    lb.add_argument("--suite", help="which suite, when the store holds several")
+    lb.set_defaults(func=cmd_leaderboard)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="dabench: %(levelname)s: %(message)s")
+    console = Console()
+    try:
+        return int(args.func(args, console) or 0)
+    except KeyboardInterrupt:
+        console.error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

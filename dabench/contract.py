@@ -1,0 +1,356 @@
+"""The method contract: what a method may see (`Task`), what it must be
+(`Method`), and what it returns (`Predictor`).
+
+The contract is versioned by :data:`CONTRACT_VERSION`.  A plugin may declare
+``requires_contract = "1"`` on its method classes; the host refuses a method
+written for another major version with a message naming the plugin.
+
+Target test labels never enter a :class:`Task`.  The host keeps the target
+test split in its own :class:`~dabench.data.core.PairSplit` and evaluates the
+returned :class:`Predictor` on it after ``fit`` returns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping, Protocol, runtime_checkable
+
+import numpy as np
+
+CONTRACT_VERSION = "1"
+
+#: Method families the host knows.  Plugins may use others; the leaderboard
+#: groups by this string.
+FAMILIES = (
+    "baseline",
+    "reference",
+    "adversarial",
+    "self-training",
+    "contrastive",
+    "reweighting",
+    "heterogeneous",
+    "discrepancy",
+    "other",
+)
+
+#: Requirements a method may declare.  The host skips (with the reason shown
+#: in the leaderboard) any pair/protocol that cannot satisfy them.
+REQUIREMENTS = {
+    "same_feature_space": "source and target must share one input space",
+    "target_labels": "needs k labelled target samples per class (suite protocol k_target > 0)",
+    "oracle": "trains on the labelled target train split: a reference row (target-oracle), never ranked",
+}
+
+
+class ContractError(ValueError):
+    """A plugin or method violates the contract; the message says what to change."""
+
+
+# --------------------------------------------------------------------------
+# Hyperparameters
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HParam:
+    """One declared hyperparameter: a default and a search range.
+
+    ``kind`` is ``"float"``, ``"int"``, ``"choice"`` or ``"bool"``.  For numeric
+    kinds ``low``/``high`` bound the search range (inclusive) and ``log``
+    samples log-uniformly.  For ``"choice"`` the range is ``choices``.
+    """
+
+    default: Any
+    kind: str = "float"
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple = ()
+    help: str = ""
+
+    def validate(self, name: str, value: Any) -> Any:
+        """Return ``value`` coerced to this kind, or raise ContractError."""
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise ContractError(f"hyperparameter {name!r} must be true/false, got {value!r}")
+            return value
+        if self.kind == "choice":
+            if value not in self.choices:
+                raise ContractError(
+                    f"hyperparameter {name!r} must be one of {list(self.choices)}, got {value!r}"
+                )
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ContractError(f"hyperparameter {name!r} must be a number, got {value!r}")
+        if self.kind == "int":
+            if float(value) != int(value):
+                raise ContractError(f"hyperparameter {name!r} must be an integer, got {value!r}")
+            value = int(value)
+        else:
+            value = float(value)
+            if not math.isfinite(value):
+                raise ContractError(f"hyperparameter {name!r} must be finite, got {value!r}")
+        if self.low is not None and value < self.low:
+            raise ContractError(f"hyperparameter {name!r}={value} is below its range [{self.low}, {self.high}]")
+        if self.high is not None and value > self.high:
+            raise ContractError(f"hyperparameter {name!r}={value} is above its range [{self.low}, {self.high}]")
+        return value
+
+    def check_declaration(self, name: str) -> None:
+        """Raise ContractError when the declaration itself is inconsistent."""
+        if self.kind not in ("float", "int", "choice", "bool"):
+            raise ContractError(f"hyperparameter {name!r}: unknown kind {self.kind!r}")
+        if self.kind in ("float", "int"):
+            if self.low is None or self.high is None:
+                raise ContractError(f"hyperparameter {name!r}: numeric kinds need low and high")
+            if self.low > self.high:
+                raise ContractError(f"hyperparameter {name!r}: low > high")
+            if self.log and self.low <= 0:
+                raise ContractError(f"hyperparameter {name!r}: log range needs low > 0")
+        if self.kind == "choice" and not self.choices:
+            raise ContractError(f"hyperparameter {name!r}: choice needs choices")
+        self.validate(name, self.default)
+
+    def sample(self, rng: np.random.Generator) -> Any:
+        """Draw one value from the search range with ``rng``."""
+        if self.kind == "bool":
+            return bool(rng.integers(0, 2))
+        if self.kind == "choice":
+            return self.choices[int(rng.integers(0, len(self.choices)))]
+        lo, hi = float(self.low), float(self.high)
+        x = math.exp(rng.uniform(math.log(lo), math.log(hi))) if self.log else rng.uniform(lo, hi)
+        return int(round(x)) if self.kind == "int" else float(x)
+
+
+def Float(default: float, low: float, high: float, log: bool = False, help: str = "") -> HParam:
+    return HParam(default, "float", low, high, log, (), help)
+
+
+def Int(default: int, low: int, high: int, log: bool = False, help: str = "") -> HParam:
+    return HParam(default, "int", low, high, log, (), help)
+
+
+def Choice(default: Any, choices: tuple | list, help: str = "") -> HParam:
+    return HParam(default, "choice", None, None, False, tuple(choices), help)
+
+
+def Bool(default: bool, help: str = "") -> HParam:
+    return HParam(default, "bool", help=help)
+
+
+# --------------------------------------------------------------------------
+# What a method may see
+# --------------------------------------------------------------------------
+
+
+def _frozen(a: np.ndarray | None) -> np.ndarray | None:
+    if a is None:
+        return None
+    a = np.array(a, copy=True)
+    a.setflags(write=False)
+    return a
+
+
+@dataclass(frozen=True, slots=True)
+class Labeled:
+    """Inputs with labels.  Arrays are read-only copies."""
+
+    X: np.ndarray
+    y: np.ndarray
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "X", _frozen(np.asarray(self.X, dtype=np.float32)))
+        object.__setattr__(self, "y", _frozen(np.asarray(self.y, dtype=np.int64)))
+        if len(self.X) != len(self.y):
+            raise ContractError(f"X has {len(self.X)} rows but y has {len(self.y)}")
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+
+@dataclass(frozen=True, slots=True)
+class Unlabeled:
+    """Inputs without labels.  There is no ``y`` attribute to reach."""
+
+    X: np.ndarray
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "X", _frozen(np.asarray(self.X, dtype=np.float32)))
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """Training budget.  ``steps`` optimiser steps of ``batch_size`` samples
+    per domain; methods with rounds divide ``steps`` among them."""
+
+    steps: int = 1000
+    batch_size: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """Everything a method may see for one run.
+
+    - ``source_train`` / ``source_val``: labelled source data (``Labeled``).
+    - ``target_train``: unlabelled target data (``Unlabeled``: no ``y``).
+    - ``target_labeled``: ``k`` labelled target samples per class, drawn from
+      the target *train* split, only when the suite's protocol sets
+      ``k_target > 0``; otherwise ``None``.
+    - ``source_shape`` / ``target_shape``: per-sample input shapes, e.g.
+      ``(2,)`` or ``(3, 28, 28)``; ``X`` arrays are flattened to ``(n, prod(shape))``.
+    - ``same_feature_space``: whether source and target share one input space.
+    - ``n_classes``, ``device`` (a torch device string), ``seed``, ``budget``.
+    - ``backbone``: ``backbone(shape) -> (torch.nn.Module, out_dim)``, a fresh
+      feature extractor suited to inputs of that shape, seeded by the caller.
+
+    Target *test* data and labels are not here: the host keeps them.
+    """
+
+    source_train: Labeled
+    source_val: Labeled
+    target_train: Unlabeled
+    target_labeled: Labeled | None
+    source_shape: tuple[int, ...]
+    target_shape: tuple[int, ...]
+    same_feature_space: bool
+    n_classes: int
+    device: str
+    seed: int
+    budget: Budget
+    backbone: Callable[[tuple[int, ...]], Any] = field(repr=False)
+    #: Labels of ``target_train``, given only to methods that declare the
+    #: ``oracle`` requirement (the target-oracle reference row).  These are
+    #: target *train* labels; the target *test* split is never in a Task.
+    target_train_labels: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def source_dim(self) -> int:
+        return int(np.prod(self.source_shape))
+
+    @property
+    def target_dim(self) -> int:
+        return int(np.prod(self.target_shape))
+
+
+# --------------------------------------------------------------------------
+# What a method returns
+# --------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """What ``Method.fit`` returns.
+
+    ``predict_proba(X, domain)`` gives an ``(n, n_classes)`` array of class
+    probabilities (rows sum to 1); ``embed(X, domain)`` gives ``(n, d)``
+    features.  ``domain`` is ``"target"`` or ``"source"``: the host calls it
+    with source test data to measure forgetting, and heterogeneous methods
+    use it to pick the encoder.
+    """
+
+    def predict_proba(self, X: np.ndarray, domain: str = "target") -> np.ndarray: ...
+
+    def embed(self, X: np.ndarray, domain: str = "target") -> np.ndarray: ...
+
+
+# --------------------------------------------------------------------------
+# The method base class
+# --------------------------------------------------------------------------
+
+
+class Method:
+    """Base class for method plugins.
+
+    Subclasses set the class attributes below and implement :meth:`fit`.
+    The constructor takes only the declared hyperparameters as keyword
+    arguments, fills defaults and validates ranges, so ``get_params()`` is
+    exactly the record the store and the run key use.
+
+    Class attributes:
+
+    - ``name``: unique, lower-case, dash-separated (``"dann"``).
+    - ``family``: one of :data:`FAMILIES` (free text allowed).
+    - ``version``: bump when a change alters results; it enters the run key.
+    - ``requires``: a set of keys of :data:`REQUIREMENTS`.
+    - ``hyperparameters``: ``{name: HParam}`` with defaults and search ranges.
+    - ``reference``: ``True`` for reference rows (target-oracle) never ranked.
+    - ``paper``: the citation the implementation follows.
+    """
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = "other"
+    version: ClassVar[str] = "1"
+    requires: ClassVar[frozenset[str]] = frozenset()
+    hyperparameters: ClassVar[Mapping[str, HParam]] = {}
+    reference: ClassVar[bool] = False
+    paper: ClassVar[str] = ""
+    requires_contract: ClassVar[str] = CONTRACT_VERSION
+
+    def __init__(self, **params: Any) -> None:
+        unknown = sorted(set(params) - set(self.hyperparameters))
+        if unknown:
+            raise ContractError(
+                f"method {self.name!r} has no hyperparameter(s) {unknown}; "
+                f"declared: {sorted(self.hyperparameters)}"
+            )
+        self._params = {
+            k: hp.validate(k, params.get(k, hp.default)) for k, hp in sorted(self.hyperparameters.items())
+        }
+
+    def get_params(self) -> dict[str, Any]:
+        """The full hyperparameter record (defaults filled in), sorted by name."""
+        return dict(self._params)
+
+    def __getattr__(self, item: str) -> Any:
+        params = self.__dict__.get("_params")
+        if params is not None and item in params:
+            return params[item]
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {item!r}")
+
+    @classmethod
+    def skip(cls, task: Task) -> str | None:
+        """Return a reason string when this method cannot run on ``task``, else None.
+
+        The default checks ``requires``; override to add method-specific reasons.
+        """
+        if "same_feature_space" in cls.requires and not task.same_feature_space:
+            return "needs a shared feature space; this pair is heterogeneous"
+        if "target_labels" in cls.requires and task.target_labeled is None:
+            return "needs k labelled target samples per class; the suite sets k_target = 0"
+        return None
+
+    def fit(self, task: Task) -> Predictor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def validate_method_class(cls: Any) -> None:
+    """Raise ContractError, saying what to change, when ``cls`` is not a valid method."""
+    if not isinstance(cls, type) or not issubclass(cls, Method):
+        raise ContractError(f"{cls!r} is not a subclass of dabench.Method")
+    if not cls.name or not isinstance(cls.name, str) or cls.name != cls.name.strip().lower() or " " in cls.name:
+        raise ContractError(f"{cls.__name__}.name must be a non-empty lower-case string without spaces, got {cls.name!r}")
+    if ":" in cls.name or "," in cls.name:
+        raise ContractError(f"{cls.__name__}.name must not contain ':' or ',', got {cls.name!r}")
+    if str(cls.requires_contract).split(".")[0] != CONTRACT_VERSION:
+        raise ContractError(
+            f"method {cls.name!r} was written for dabench contract {cls.requires_contract}, "
+            f"this host implements contract {CONTRACT_VERSION}: upgrade the plugin or dabench"
+        )
+    unknown = set(cls.requires) - set(REQUIREMENTS)
+    if unknown:
+        raise ContractError(f"method {cls.name!r} declares unknown requirements {sorted(unknown)}; known: {sorted(REQUIREMENTS)}")
+    if not isinstance(cls.hyperparameters, Mapping):
+        raise ContractError(f"method {cls.name!r}: hyperparameters must be a dict of name -> HParam")
+    for k, hp in cls.hyperparameters.items():
+        if not isinstance(hp, HParam):
+            raise ContractError(f"method {cls.name!r}: hyperparameter {k!r} must be declared with dabench.Float/Int/Choice/Bool")
+        try:
+            hp.check_declaration(k)
+        except ContractError as e:
+            raise ContractError(f"method {cls.name!r}: {e}") from None
+    if cls.fit is Method.fit:
+        raise ContractError(f"method {cls.name!r} does not implement fit(task)")

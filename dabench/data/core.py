@@ -1,0 +1,242 @@
+"""Domains, pairs and the split protocol.
+
+A *domain* is a labelled dataset registered by a plugin (:class:`DomainSpec`).
+A *pair* ``"source:target"`` is two domains with the same label space.  The
+host splits a pair, per seed, into
+
+- source train / source val / source test (stratified 60 / 20 / 20),
+- target train (given to the method without labels) / target test (kept by
+  the host; 50 / 50, stratified),
+
+and optionally draws ``k`` labelled target samples per class from the target
+*train* split.  When source and target derive from the same base images
+(MNIST and MNIST-M), the two domains get disjoint halves of the base so no
+image appears on both sides.
+
+Pairs with different input shapes are made homogeneous for methods that need
+one input space (``feature_space = "shared"``, the default): images are
+resized (bilinear, antialiased) to the larger height/width and grey images
+repeated to the larger channel count.  ``feature_space = "native"`` keeps
+each domain's own space (heterogeneous DA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..contract import Budget, Labeled, Task, Unlabeled
+
+
+class DataError(RuntimeError):
+    """Data is missing, corrupt or incompatible; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    """A domain a plugin registers through ``dabench_datasets``.
+
+    ``load(data_root)`` returns ``(X, y)``: ``X`` float32 of shape
+    ``(n, *shape)`` (images scaled to [0, 1], channels first), ``y`` int64 in
+    ``[0, n_classes)``.  ``base`` names the dataset the samples derive from
+    (``"mnist"`` for MNIST-M) so pairs sharing a base get disjoint samples.
+    """
+
+    name: str
+    label_space: str
+    n_classes: int
+    shape: tuple[int, ...]
+    load: Callable[[Path | None], tuple[np.ndarray, np.ndarray]] = field(repr=False, compare=False)
+    base: str | None = None
+    description: str = ""
+    source: str = ""  # provenance / licence, one line
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.shape) == 3
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a pair is split and what the method receives (from the suite)."""
+
+    k_target: int = 0
+    feature_space: str = "shared"  # "shared" (homogenise) or "native"
+    max_source: int | None = None  # cap on source samples before splitting
+    max_target: int | None = None  # cap on target samples before splitting
+
+    def as_dict(self) -> dict:
+        return {
+            "k_target": self.k_target,
+            "feature_space": self.feature_space,
+            "max_source": self.max_source,
+            "max_target": self.max_target,
+        }
+
+
+@dataclass(frozen=True)
+class PairSplit:
+    """The host's view of one pair for one seed, target test labels included."""
+
+    name: str
+    source_train: Labeled
+    source_val: Labeled
+    source_test: Labeled
+    target_train: Labeled
+    target_test: Labeled
+    target_labeled: Labeled | None
+    source_shape: tuple[int, ...]
+    target_shape: tuple[int, ...]
+    n_classes: int
+
+    @property
+    def same_feature_space(self) -> bool:
+        return self.source_shape == self.target_shape
+
+    def task(
+        self,
+        *,
+        seed: int,
+        device: str,
+        budget: Budget,
+        backbone: Callable,
+        oracle: bool = False,
+    ) -> Task:
+        """The :class:`Task` a method sees.  ``oracle`` adds target *train*
+        labels (for the target-oracle reference only); target test data is
+        never part of a Task."""
+        return Task(
+            source_train=self.source_train,
+            source_val=self.source_val,
+            target_train=Unlabeled(self.target_train.X),
+            target_labeled=self.target_labeled,
+            source_shape=self.source_shape,
+            target_shape=self.target_shape,
+            same_feature_space=self.same_feature_space,
+            n_classes=self.n_classes,
+            device=device,
+            seed=seed,
+            budget=budget,
+            backbone=backbone,
+            target_train_labels=np.array(self.target_train.y) if oracle else None,
+        )
+
+
+def _stratified_parts(y: np.ndarray, fractions: list[float], rng: np.random.Generator) -> list[np.ndarray]:
+    """Split indices of ``y`` into parts with the given fractions, per class."""
+    parts: list[list[np.ndarray]] = [[] for _ in fractions]
+    cum = np.cumsum(fractions)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        idx = idx[rng.permutation(len(idx))]
+        cuts = np.round(cum[:-1] * len(idx)).astype(int)
+        for i, chunk in enumerate(np.split(idx, cuts)):
+            parts[i].append(chunk)
+    return [np.sort(np.concatenate(p)) if p else np.array([], dtype=int) for p in parts]
+
+
+def _cap(n: int, cap: int | None, rng: np.random.Generator) -> np.ndarray:
+    idx = np.arange(n)
+    if cap is not None and n > cap:
+        idx = np.sort(rng.choice(n, size=cap, replace=False))
+    return idx
+
+
+def resize_images(X: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Resize ``(n, c, h, w)`` images to ``shape`` = (C, H, W): bilinear
+    (antialiased when shrinking) and grey-to-colour by channel repetition."""
+    import torch
+    import torch.nn.functional as F
+
+    C, H, W = shape
+    n, c, h, w = X.shape
+    if c not in (1, C):
+        raise DataError(f"cannot map {c}-channel images to {C} channels")
+    out = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+    if (h, w) != (H, W):
+        out = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False, antialias=(H < h or W < w))
+    if c != C:
+        out = out.repeat(1, C, 1, 1)
+    return out.clamp_(0.0, 1.0).numpy()
+
+
+def common_shape(a: tuple[int, ...], b: tuple[int, ...], where: str) -> tuple[int, ...]:
+    """The shape both domains are mapped to in the shared feature space."""
+    if a == b:
+        return a
+    if len(a) == 3 and len(b) == 3:
+        return (max(a[0], b[0]), max(a[1], b[1]), max(a[2], b[2]))
+    raise DataError(
+        f"{where}: domains have shapes {a} and {b} that cannot be made homogeneous; "
+        f'set feature_space = "native" for a heterogeneous pair'
+    )
+
+
+def make_split(
+    name: str,
+    source: DomainSpec,
+    target: DomainSpec,
+    src_data: tuple[np.ndarray, np.ndarray],
+    tgt_data: tuple[np.ndarray, np.ndarray],
+    seed: int,
+    protocol: Protocol,
+) -> PairSplit:
+    """Split one pair for one seed (deterministic in ``seed``)."""
+    if source.label_space != target.label_space or source.n_classes != target.n_classes:
+        raise DataError(
+            f"pair {name!r}: {source.name!r} has label space {source.label_space!r} "
+            f"({source.n_classes} classes) but {target.name!r} has {target.label_space!r} "
+            f"({target.n_classes} classes); a pair needs one label space"
+        )
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xDA]))
+    Xs, ys = src_data
+    Xt, yt = tgt_data
+    s_idx = np.arange(len(ys))
+    t_idx = np.arange(len(yt))
+    if (source.base or source.name) == (target.base or target.name) and len(ys) == len(yt):
+        perm = rng.permutation(len(ys))  # disjoint halves of the shared base
+        s_idx, t_idx = np.sort(perm[: len(perm) // 2]), np.sort(perm[len(perm) // 2 :])
+    s_idx = s_idx[_cap(len(s_idx), protocol.max_source, rng)]
+    t_idx = t_idx[_cap(len(t_idx), protocol.max_target, rng)]
+    Xs, ys, Xt, yt = Xs[s_idx], ys[s_idx], Xt[t_idx], yt[t_idx]
+
+    s_shape, t_shape = tuple(source.shape), tuple(target.shape)
+    if protocol.feature_space == "shared" and s_shape != t_shape:
+        shape = common_shape(s_shape, t_shape, f"pair {name!r}")
+        if s_shape != shape:
+            Xs = resize_images(Xs, shape)
+        if t_shape != shape:
+            Xt = resize_images(Xt, shape)
+        s_shape = t_shape = shape
+
+    Xs = Xs.reshape(len(Xs), -1)
+    Xt = Xt.reshape(len(Xt), -1)
+    s_tr, s_va, s_te = _stratified_parts(ys, [0.6, 0.2, 0.2], rng)
+    t_tr, t_te = _stratified_parts(yt, [0.5, 0.5], rng)
+
+    target_labeled = None
+    if protocol.k_target > 0:
+        picks = []
+        for c in range(target.n_classes):
+            idx = t_tr[yt[t_tr] == c]
+            if len(idx) < protocol.k_target:
+                raise DataError(f"pair {name!r}: class {c} has only {len(idx)} target train samples, k_target = {protocol.k_target}")
+            picks.append(rng.choice(idx, size=protocol.k_target, replace=False))
+        kl = np.sort(np.concatenate(picks))
+        target_labeled = Labeled(Xt[kl], yt[kl])
+
+    return PairSplit(
+        name=name,
+        source_train=Labeled(Xs[s_tr], ys[s_tr]),
+        source_val=Labeled(Xs[s_va], ys[s_va]),
+        source_test=Labeled(Xs[s_te], ys[s_te]),
+        target_train=Labeled(Xt[t_tr], yt[t_tr]),
+        target_test=Labeled(Xt[t_te], yt[t_te]),
+        target_labeled=target_labeled,
+        source_shape=s_shape,
+        target_shape=t_shape,
+        n_classes=source.n_classes,
+    )

@@ -1,0 +1,264 @@
+"""Execute a suite: expand runs, skip the keys already stored, run the rest.
+
+Each run builds the pair split for its seed (cached across the runs that
+share it), gives the method a :class:`~dabench.Task`, evaluates the returned
+predictor on data the method never saw (target test, source test), scores
+every validator, and writes one row to the store in one transaction.  A
+method that raises, or whose loss diverges, is stored as ``failed`` with the
+reason; the sweep goes on.  ``KeyboardInterrupt`` stops the sweep between
+stores, never inside one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import __version__
+from .contract import Task
+from .data.core import DomainSpec, PairSplit, make_split
+from .plugins import Registry
+from .store import RunStore, canonical_json
+from .suite import RunSpec, Suite
+
+log = logging.getLogger("dabench")
+
+
+@dataclass
+class RunResult:
+    spec: RunSpec
+    status: str
+    reason: str | None = None
+    target_acc: float | None = None
+    target_f1: float | None = None
+    source_acc: float | None = None
+    scores: dict[str, float | None] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+    peak_mem_mb: float | None = None
+
+
+@dataclass
+class Summary:
+    total: int
+    already_done: int
+    ran: int = 0
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    wall_time_s: float = 0.0
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    except Exception:
+        return None
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+class PredictorError(RuntimeError):
+    pass
+
+
+def _checked_proba(predictor: Any, X: np.ndarray, domain: str, n_classes: int) -> np.ndarray:
+    p = np.asarray(predictor.predict_proba(X, domain=domain), dtype=np.float64)
+    if p.shape != (len(X), n_classes):
+        raise PredictorError(f"predict_proba returned shape {p.shape}, expected {(len(X), n_classes)}")
+    if not np.isfinite(p).all():
+        raise PredictorError("predict_proba returned non-finite values")
+    if (p < -1e-6).any() or not np.allclose(p.sum(1), 1.0, atol=1e-3):
+        raise PredictorError("predict_proba rows are not probability distributions (negative or not summing to 1)")
+    return p
+
+
+def macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(y, pred, labels=list(range(n_classes)), average="macro", zero_division=0))
+
+
+def evaluate(predictor: Any, split: PairSplit, task: Task, validators: dict[str, Any]) -> tuple[dict, dict]:
+    pt = _checked_proba(predictor, split.target_test.X, "target", split.n_classes)
+    yhat = pt.argmax(1)
+    metrics = {
+        "target_acc": float((yhat == split.target_test.y).mean()),
+        "target_f1": macro_f1(split.target_test.y, yhat, split.n_classes),
+    }
+    ps = _checked_proba(predictor, split.source_test.X, "source", split.n_classes)
+    metrics["source_acc"] = float((ps.argmax(1) == split.source_test.y).mean())
+    scores: dict[str, float | None] = {}
+    for name, v in sorted(validators.items()):
+        try:
+            s = float(v.score(predictor, task))
+            scores[name] = s if math.isfinite(s) else None
+        except Exception as exc:  # a broken validator must not fail the run
+            log.warning("validator %s failed on %s: %s", name, split.name, exc)
+            scores[name] = None
+    return metrics, scores
+
+
+# ---------------------------------------------------------------- runner
+
+
+def _reason(exc: BaseException) -> str:
+    msg = str(exc).strip().replace("\n", " ")
+    if len(msg) > 500:
+        msg = msg[:497] + "..."
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+class Runner:
+    """Runs a suite's specs against a registry and a store."""
+
+    def __init__(self, registry: Registry, store: RunStore, device: str = "cpu",
+                 data_root: str | Path | None = None,
+                 on_event: Callable[..., None] | None = None) -> None:
+        self.registry = registry
+        self.store = store
+        self.device = device
+        self.data_root = Path(data_root) if data_root else None
+        self.on_event = on_event or (lambda *a, **k: None)
+        self._split_cache: dict[tuple, PairSplit] = {}
+        self._load = lru_cache(maxsize=16)(self._load_domain)
+
+    def _load_domain(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        spec: DomainSpec = self.registry.datasets[name]
+        X, y = spec.load(self.data_root)
+        return np.asarray(X, dtype=np.float32), np.asarray(y, dtype=np.int64)
+
+    def split(self, spec: RunSpec) -> PairSplit:
+        key = (spec.pair.name, canonical_json(spec.pair.protocol.as_dict()), spec.seed)
+        if key not in self._split_cache:
+            self._split_cache.clear()  # runs are ordered by pair and seed: keep one
+            p = spec.pair
+            self._split_cache[key] = make_split(
+                p.name, self.registry.datasets[p.source], self.registry.datasets[p.target],
+                self._load(p.source), self._load(p.target), spec.seed, p.protocol,
+            )
+        return self._split_cache[key]
+
+    def run_one(self, spec: RunSpec) -> RunResult:
+        from .training import seed_everything
+
+        cls = self.registry.methods[spec.method]
+        t0 = time.perf_counter()
+        try:
+            split = self.split(spec)
+        except Exception as exc:
+            return RunResult(spec, "failed", f"data: {_reason(exc)}", wall_time_s=time.perf_counter() - t0)
+        task = split.task(
+            seed=spec.seed, device=self.device, budget=spec.pair.budget,
+            backbone=self.registry.backbones[spec.backbone], oracle="oracle" in cls.requires,
+        )
+        reason = cls.skip(task)
+        if reason:
+            return RunResult(spec, "skipped", reason)
+        cuda = self.device.startswith("cuda")
+        _reset_peak_rss()
+        if cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        try:
+            seed_everything(spec.seed)
+            method = cls(**spec.params)
+            predictor = method.fit(task)
+            wall = time.perf_counter() - t0
+            metrics, scores = evaluate(predictor, split, task, self.registry.validators)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            log.debug("run %s failed:\n%s", spec.key, traceback.format_exc())
+            return RunResult(spec, "failed", _reason(exc), wall_time_s=time.perf_counter() - t0,
+                             peak_mem_mb=_peak_rss_mb())
+        peak = _peak_rss_mb()
+        if cuda:
+            import torch
+
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return RunResult(spec, "ok", None, metrics["target_acc"], metrics["target_f1"], metrics.get("source_acc"),
+                         scores, wall, peak)
+
+    def record(self, r: RunResult, started: str) -> dict[str, Any]:
+        s = r.spec
+        cls = self.registry.methods[s.method]
+        return {
+            "key": s.key, "suite": s.suite, "pair": s.pair.name, "method": s.method,
+            "method_version": s.method_version, "family": cls.family, "reference": int(bool(cls.reference)),
+            "params": canonical_json(s.params), "point": s.point, "seed": s.seed,
+            "protocol": canonical_json(s.pair.protocol.as_dict()),
+            "budget": canonical_json({"steps": s.pair.budget.steps, "batch_size": s.pair.budget.batch_size}),
+            "backbone": s.backbone, "status": r.status, "reason": r.reason,
+            "target_acc": r.target_acc, "target_f1": r.target_f1, "source_acc": r.source_acc,
+            "wall_time_s": r.wall_time_s, "peak_mem_mb": r.peak_mem_mb,
+            "device": self.device if r.status == "ok" else None,
+            "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "dabench_version": __version__,
+        }
+
+    def run(self, suite: Suite, retry_failed: bool = False) -> Summary:
+        specs = suite.expand(self.registry)
+        status = self.store.statuses()
+        todo = [s for s in specs if s.key not in status or (retry_failed and status[s.key] == "failed")]
+        summary = Summary(total=len(specs), already_done=len(specs) - len(todo))
+        self.on_event("start", suite=suite, total=len(specs), todo=len(todo), done=summary.already_done)
+        t_start = time.perf_counter()
+        for i, spec in enumerate(todo):
+            self.on_event("run_start", index=i, todo=len(todo), spec=spec,
+                          elapsed=time.perf_counter() - t_start)
+            started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            result = self.run_one(spec)
+            rec = self.record(result, started)
+            self.store.write(rec, result.scores)
+            summary.ran += 1
+            setattr(summary, result.status, getattr(summary, result.status) + 1)
+            hook_rec = dict(rec, **{f"val_{k}": v for k, v in result.scores.items()})
+            try:
+                self.registry.pm.hook.dabench_run_finished(record=hook_rec) if self.registry.pm else None
+            except Exception as exc:
+                log.warning("a dabench_run_finished hook failed (ignored): %s", _reason(exc))
+            self.on_event("run_end", index=i, todo=len(todo), spec=spec, result=result,
+                          elapsed=time.perf_counter() - t_start)
+        summary.wall_time_s = time.perf_counter() - t_start
+        self.on_event("end", summary=summary)
+        return summary
+
+
+def host_info() -> str:
+    return f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus"

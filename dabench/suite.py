@@ -1,0 +1,347 @@
+"""Suites: TOML files with a validated schema, expanded into runs.
+
+A suite file looks like this (every key is checked; an unknown key, a
+missing field or a wrong type is an error naming the file and the key)::
+
+    name = "quick"                      # required
+    description = "..."                 # optional
+    seeds = 3                           # N (seeds 0..N-1) or a list of ints
+    validator = "source-val"            # hyperparameter selection without target labels
+    backbone = "default"                # a registered backbone
+    pairs = [                           # "source:target", or a table with overrides
+        "moons:moons-rot35",
+        { pair = "mnist:mnistm", budget = { steps = 600 } },
+    ]
+
+    [protocol]                          # optional; defaults shown
+    k_target = 0                        # labelled target samples per class given to methods
+    feature_space = "shared"            # "shared" (homogenise inputs) or "native"
+    max_source = 4000                   # cap on samples per domain (optional)
+    max_target = 4000
+
+    [budget]                            # optional; defaults shown
+    steps = 1000
+    batch_size = 64
+
+    [methods.source-only]               # one table per method (may be empty)
+    [methods.dann]
+    params = { lr = 0.01 }              # fixed values (override defaults)
+    grid = { lambda_max = [0.1, 1.0] }  # cartesian product of lists
+    random = { n = 4, seed = 0 }        # n points sampled from the declared ranges
+
+A run is one (pair, method, hyperparameter point, seed); its key hashes
+everything that changes the result (see :func:`RunSpec.key`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import tomllib
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .contract import CONTRACT_VERSION, Budget, ContractError
+from .data.core import Protocol
+from .store import canonical_json, run_key
+
+
+class SuiteError(ValueError):
+    """A malformed suite; ``str()`` names the file, the key and what is expected."""
+
+    def __init__(self, path: str | Path, key: str, message: str) -> None:
+        self.path, self.key, self.message = str(path), key, message
+        super().__init__(f"{self.path}: {key}: {message}" if key else f"{self.path}: {message}")
+
+
+@dataclass(frozen=True)
+class PairEntry:
+    name: str  # "source:target"
+    source: str
+    target: str
+    protocol: Protocol
+    budget: Budget
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    name: str
+    points: tuple[dict[str, Any], ...]  # full hyperparameter records, defaults filled
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    suite: str
+    pair: PairEntry
+    method: str
+    method_version: str
+    params: dict[str, Any]
+    point: int
+    seed: int
+    backbone: str
+
+    @property
+    def key(self) -> str:
+        """sha256 of what changes the result: method + version + params, pair,
+        seed, protocol, budget, backbone and the contract version.  The suite
+        name and the device are not part of it."""
+        return run_key(
+            method=self.method,
+            method_version=self.method_version,
+            params=self.params,
+            pair=self.pair.name,
+            seed=self.seed,
+            protocol=self.pair.protocol.as_dict(),
+            budget={"steps": self.pair.budget.steps, "batch_size": self.pair.budget.batch_size},
+            backbone=self.backbone,
+            contract=CONTRACT_VERSION,
+        )
+
+
+@dataclass
+class Suite:
+    path: Path
+    name: str
+    description: str
+    seeds: list[int]
+    validator: str
+    backbone: str
+    pairs: list[PairEntry]
+    methods: list[MethodEntry]
+    raw: dict = field(repr=False, default_factory=dict)
+
+    def expand(self, registry: Any) -> list[RunSpec]:
+        """Every run of the suite, in a stable order (pair, seed, method, point)."""
+        specs = []
+        for pair in self.pairs:
+            for seed in self.seeds:
+                for m in self.methods:
+                    version = str(registry.methods[m.name].version)
+                    for i, params in enumerate(m.points):
+                        specs.append(RunSpec(self.name, pair, m.name, version, params, i, seed, self.backbone))
+        return specs
+
+    def restrict(self, methods: list[str] | None = None, pairs: list[str] | None = None,
+                 seeds: int | None = None) -> "Suite":
+        """The suite limited by CLI filters; unknown names raise SuiteError."""
+        s = replace(self)
+        if methods:
+            known = {m.name for m in self.methods}
+            bad = [m for m in methods if m not in known]
+            if bad:
+                raise SuiteError(self.path, "--methods", f"{bad} not in this suite; it has {sorted(known)}")
+            s.methods = [m for m in self.methods if m.name in methods]
+        if pairs:
+            known = {p.name for p in self.pairs}
+            bad = [p for p in pairs if p not in known]
+            if bad:
+                raise SuiteError(self.path, "--pairs", f"{bad} not in this suite; it has {sorted(known)}")
+            s.pairs = [p for p in self.pairs if p.name in pairs]
+        if seeds is not None:
+            if seeds < 1:
+                raise SuiteError(self.path, "--seeds", "expected a positive integer")
+            s.seeds = list(range(seeds))
+        return s
+
+
+# ----------------------------------------------------------------- parsing
+
+_TOP = {"name", "description", "seeds", "validator", "backbone", "pairs", "protocol", "budget", "methods"}
+_PROTOCOL = {"k_target", "feature_space", "max_source", "max_target"}
+_BUDGET = {"steps", "batch_size"}
+_METHOD = {"params", "grid", "random"}
+
+
+def _type_name(v: Any) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true/false", list: "a list",
+            dict: "a table"}.get(type(v), type(v).__name__)
+
+
+def _expect(path: Path, key: str, value: Any, typ: type | tuple, what: str) -> Any:
+    if isinstance(value, bool) and bool not in (typ if isinstance(typ, tuple) else (typ,)):
+        raise SuiteError(path, key, f"expected {what}, got {_type_name(value)} ({value!r})")
+    if not isinstance(value, typ):
+        raise SuiteError(path, key, f"expected {what}, got {_type_name(value)} ({value!r})")
+    return value
+
+
+def _check_keys(path: Path, where: str, table: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise SuiteError(path, prefix + unknown[0], f"unknown key; allowed keys here: {sorted(allowed)}")
+
+
+def _protocol(path: Path, where: str, table: Any, base: Protocol) -> Protocol:
+    _expect(path, where, table, dict, "a table")
+    _check_keys(path, where, table, _PROTOCOL)
+    kw = base.__dict__.copy()
+    if "k_target" in table:
+        k = _expect(path, f"{where}.k_target", table["k_target"], int, "a non-negative integer")
+        if k < 0:
+            raise SuiteError(path, f"{where}.k_target", "expected a non-negative integer")
+        kw["k_target"] = k
+    if "feature_space" in table:
+        fs = _expect(path, f"{where}.feature_space", table["feature_space"], str, '"shared" or "native"')
+        if fs not in ("shared", "native"):
+            raise SuiteError(path, f"{where}.feature_space", f'expected "shared" or "native", got {fs!r}')
+        kw["feature_space"] = fs
+    for cap in ("max_source", "max_target"):
+        if cap in table:
+            v = _expect(path, f"{where}.{cap}", table[cap], int, "a positive integer")
+            if v < 10:
+                raise SuiteError(path, f"{where}.{cap}", "expected an integer >= 10")
+            kw[cap] = v
+    return Protocol(**kw)
+
+
+def _budget(path: Path, where: str, table: Any, base: Budget) -> Budget:
+    _expect(path, where, table, dict, "a table")
+    _check_keys(path, where, table, _BUDGET)
+    kw = {"steps": base.steps, "batch_size": base.batch_size}
+    for k in _BUDGET:
+        if k in table:
+            v = _expect(path, f"{where}.{k}", table[k], int, "a positive integer")
+            if v < 1:
+                raise SuiteError(path, f"{where}.{k}", "expected a positive integer")
+            kw[k] = v
+    return Budget(**kw)
+
+
+def _points(path: Path, name: str, table: dict, cls: Any) -> tuple[dict[str, Any], ...]:
+    where = f"methods.{name}"
+    _check_keys(path, where, table, _METHOD)
+    hps = cls.hyperparameters
+    fixed = _expect(path, f"{where}.params", table.get("params", {}), dict, "a table of hyperparameter values")
+    grid = _expect(path, f"{where}.grid", table.get("grid", {}), dict, "a table of lists")
+    for k in list(fixed) + list(grid):
+        if k not in hps:
+            sec = "params" if k in fixed else "grid"
+            raise SuiteError(path, f"{where}.{sec}.{k}", f"method {name!r} has no such hyperparameter; declared: {sorted(hps)}")
+    for k, vals in grid.items():
+        _expect(path, f"{where}.grid.{k}", vals, list, "a non-empty list of values")
+        if not vals:
+            raise SuiteError(path, f"{where}.grid.{k}", "expected a non-empty list of values")
+    if "random" in table:
+        rnd = _expect(path, f"{where}.random", table["random"], dict, "a table { n = N, seed = S }")
+        _check_keys(path, f"{where}.random", rnd, {"n", "seed"})
+        n = _expect(path, f"{where}.random.n", rnd.get("n"), int, "a positive integer (number of points)")
+        rseed = _expect(path, f"{where}.random.seed", rnd.get("seed", 0), int, "an integer")
+        if n < 1:
+            raise SuiteError(path, f"{where}.random.n", "expected a positive integer")
+        if grid:
+            raise SuiteError(path, f"{where}.random", "use either grid or random, not both")
+        raw_points = []
+        free = [k for k in sorted(hps) if k not in fixed]
+        for i in range(n):
+            pt = dict(fixed)
+            for k in free:
+                # seeded per (method, hyperparameter, point) so adding a
+                # hyperparameter does not change the others' draws (DomainBed)
+                rng = np.random.default_rng([rseed, i, zlib.crc32(f"{name}/{k}".encode())])
+                pt[k] = hps[k].sample(rng)
+            raw_points.append(pt)
+    else:
+        keys = sorted(grid)
+        raw_points = [dict(fixed, **dict(zip(keys, combo))) for combo in itertools.product(*(grid[k] for k in keys))]
+    points = []
+    for pt in raw_points:
+        try:
+            points.append(cls(**pt).get_params())
+        except ContractError as e:
+            raise SuiteError(path, where, str(e)) from None
+    unique = []
+    for p in points:
+        if canonical_json(p) not in {canonical_json(u) for u in unique}:
+            unique.append(p)
+    return tuple(unique)
+
+
+def parse_suite(path: str | Path, registry: Any) -> Suite:
+    """Read and validate a suite file against the registry's methods and datasets."""
+    path = Path(path)
+    if not path.is_file():
+        raise SuiteError(path, "", "no such suite file")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise SuiteError(path, "", f"not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise SuiteError(path, "", "not a UTF-8 text file") from None
+    _check_keys(path, "", raw, _TOP)
+    if "name" not in raw:
+        raise SuiteError(path, "name", "missing; expected a string naming the suite (used for the results folder)")
+    name = _expect(path, "name", raw["name"], str, "a string")
+    if not name or "/" in name or name.startswith("."):
+        raise SuiteError(path, "name", "expected a non-empty name without '/'")
+    description = _expect(path, "description", raw.get("description", ""), str, "a string")
+
+    seeds_raw = raw.get("seeds", 3)
+    if isinstance(seeds_raw, list):
+        if not seeds_raw or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds_raw):
+            raise SuiteError(path, "seeds", "expected a positive integer N or a non-empty list of non-negative integers")
+        seeds = sorted(set(seeds_raw))
+    else:
+        n = _expect(path, "seeds", seeds_raw, int, "a positive integer N or a list of integers")
+        if n < 1:
+            raise SuiteError(path, "seeds", "expected a positive integer")
+        seeds = list(range(n))
+
+    validator = _expect(path, "validator", raw.get("validator", "source-val"), str, "a string")
+    if validator not in registry.validators:
+        raise SuiteError(path, "validator", f"unknown validator {validator!r}; available: {sorted(registry.validators)}")
+    backbone = _expect(path, "backbone", raw.get("backbone", "default"), str, "a string")
+    if backbone not in registry.backbones:
+        raise SuiteError(path, "backbone", f"unknown backbone {backbone!r}; available: {sorted(registry.backbones)}")
+
+    protocol = _protocol(path, "protocol", raw.get("protocol", {}), Protocol())
+    budget = _budget(path, "budget", raw.get("budget", {}), Budget())
+
+    if "pairs" not in raw:
+        raise SuiteError(path, "pairs", 'missing; expected a list like ["moons:moons-rot35"]')
+    pairs_raw = _expect(path, "pairs", raw["pairs"], list, 'a non-empty list of "source:target" strings')
+    if not pairs_raw:
+        raise SuiteError(path, "pairs", 'expected a non-empty list of "source:target" strings')
+    pairs: list[PairEntry] = []
+    for i, entry in enumerate(pairs_raw):
+        where = f"pairs[{i}]"
+        p_proto, p_budget = protocol, budget
+        if isinstance(entry, dict):
+            _check_keys(path, where, entry, {"pair", "protocol", "budget"})
+            if "pair" not in entry:
+                raise SuiteError(path, f"{where}.pair", 'missing; expected "source:target"')
+            if "protocol" in entry:
+                p_proto = _protocol(path, f"{where}.protocol", entry["protocol"], protocol)
+            if "budget" in entry:
+                p_budget = _budget(path, f"{where}.budget", entry["budget"], budget)
+            where, entry = f"{where}.pair", entry["pair"]
+        pname = _expect(path, where, entry, str, '"source:target"')
+        if pname.count(":") != 1:
+            raise SuiteError(path, where, f'expected "source:target", got {pname!r}')
+        src, tgt = pname.split(":")
+        for role, d in (("source", src), ("target", tgt)):
+            if d not in registry.datasets:
+                raise SuiteError(path, where, f"unknown {role} dataset {d!r}; available: {sorted(registry.datasets)}")
+        s_spec, t_spec = registry.datasets[src], registry.datasets[tgt]
+        if s_spec.label_space != t_spec.label_space:
+            raise SuiteError(path, where, f"{src!r} ({s_spec.label_space}) and {tgt!r} ({t_spec.label_space}) have different label spaces")
+        if any(p.name == pname and p.protocol == p_proto for p in pairs):
+            raise SuiteError(path, where, f"pair {pname!r} is listed twice")
+        pairs.append(PairEntry(pname, src, tgt, p_proto, p_budget))
+
+    if "methods" not in raw:
+        raise SuiteError(path, "methods", "missing; expected a table per method, e.g. [methods.source-only]")
+    methods_raw = _expect(path, "methods", raw["methods"], dict, "a table of method tables")
+    if not methods_raw:
+        raise SuiteError(path, "methods", "expected at least one method")
+    methods = []
+    for mname, table in methods_raw.items():
+        if mname not in registry.methods:
+            raise SuiteError(path, f"methods.{mname}", f"unknown method; available: {sorted(registry.methods)}")
+        _expect(path, f"methods.{mname}", table, dict, "a table")
+        methods.append(MethodEntry(mname, _points(path, mname, table, registry.methods[mname])))
+
+    return Suite(path, name, description, seeds, validator, backbone, pairs, methods, raw)

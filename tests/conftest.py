@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def registry():
+    from dabench.plugins import get_registry
+
+    return get_registry()
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
+    return path
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m dabench ARGS`` in a fresh process."""
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "dabench", *args], capture_output=True, text=True,
+                          env=e, cwd=cwd, timeout=timeout)
+
+
+TINY_SUITE = """
+name = "tiny"
+seeds = 2
+pairs = ["moons:moons-rot35"]
+
+[budget]
+steps = 60
+batch_size = 32
+
+[methods.source-only]
+[methods.dann]
+"""
