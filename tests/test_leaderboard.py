@@ -1,0 +1,257 @@
+"""Leaderboard: selection without target labels, paired gaps, ranks, reports."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from dabench.leaderboard import (
+    LeaderboardError,
+    build_leaderboard,
+    compute_leaderboard,
+    pair_label,
+    to_csv,
+    to_json,
+    to_markdown,
+    write_reports,
+)
+from dabench.store import RunStore, canonical_json, run_key
+
+P1 = "moons:moons-rot35"
+P2 = "moons:moons-rot60"
+SKIP_REASON = "needs labelled target train data; this pair has none"
+FAIL_REASON = "RuntimeError: loss diverged"
+PROTOCOL = canonical_json({"k_target": 0, "feature_space": "shared", "max_source": 4000, "max_target": 4000})
+BUDGET = canonical_json({"steps": 100, "batch_size": 64})
+
+# (pair, method, point) -> params, validator score per seed, target acc per seed, source acc per seed.
+# dann's selected point differs from its best-target point on both pairs.
+SPEC = {
+    (P1, "source-only", 0): ({}, [0.50, 0.50, 0.50], [0.70, 0.72, 0.74], [0.95, 0.96, 0.97]),
+    (P1, "dann", 0): ({"lambda_max": 0.1}, [0.90, 0.90, 0.90], [0.80, 0.82, 0.84], [0.90, 0.92, 0.93]),
+    (P1, "dann", 1): ({"lambda_max": 1.0}, [0.80, 0.80, 0.80], [0.90, 0.91, 0.92], [0.80, 0.80, 0.80]),
+    (P1, "target-oracle", 0): ({}, [0.99, 0.99, 0.99], [0.95, 0.96, 0.97], [0.90, 0.90, 0.90]),
+    (P2, "source-only", 0): ({}, [0.40, 0.40, 0.40], [0.60, 0.62, 0.64], [0.94, 0.95, 0.96]),
+    (P2, "dann", 0): ({"lambda_max": 0.1}, [0.50, 0.50, 0.50], [0.70, 0.71, 0.72], [0.90, 0.90, 0.90]),
+    (P2, "dann", 1): ({"lambda_max": 1.0}, [0.60, 0.60, 0.60], [0.61, 0.62, 0.63], [0.92, 0.95, 0.95]),
+}
+FAILED = {(P1, "dann", 0, 2)}  # dann point 0 seed 2 on P1 failed
+
+
+def _record(pair, method, point, seed, params, status="ok", reason=None, tacc=None, sacc=None):
+    return {
+        "key": run_key(pair=pair, method=method, params=params, seed=seed),
+        "suite": "quick", "pair": pair, "method": method, "method_version": "1",
+        "family": {"source-only": "baseline", "dann": "adversarial"}.get(method, "reference"),
+        "reference": int(method == "target-oracle"), "params": canonical_json(params), "point": point,
+        "seed": seed, "protocol": PROTOCOL, "budget": BUDGET, "backbone": "default", "status": status,
+        "reason": reason, "target_acc": tacc, "target_f1": None if tacc is None else tacc - 0.01,
+        "source_acc": sacc, "wall_time_s": 1.0 + point if status == "ok" else 0.1,
+        "peak_mem_mb": 100.0 * (1 + point) if status == "ok" else None, "device": "cpu",
+        "started_at": "2024-01-01T00:00:00+00:00", "finished_at": "2024-01-01T00:00:01+00:00",
+        "dabench_version": "0.1.0",
+    }
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("results")
+    with RunStore(folder) as st:
+        for (pair, method, point), (params, vals, taccs, saccs) in SPEC.items():
+            for seed in range(3):
+                if (pair, method, point, seed) in FAILED:
+                    st.write(_record(pair, method, point, seed, params, "failed", FAIL_REASON))
+                    continue
+                st.write(_record(pair, method, point, seed, params, tacc=taccs[seed], sacc=saccs[seed]),
+                         {"source-val": vals[seed], "entropy": -taccs[seed]})
+        for seed in range(3):  # the oracle cannot run on P2
+            st.write(_record(P2, "target-oracle", 0, seed, {}, "skipped", SKIP_REASON))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def board(store_dir):
+    return build_leaderboard(store_dir, validator="source-val")
+
+
+def test_selection_uses_validator_not_target_accuracy(board):
+    assert board.cell("dann", P1)["point"] == 0  # validator 0.90 > 0.80; target acc would pick point 1
+    assert board.cell("dann", P2)["point"] == 1  # validator 0.60 > 0.50; target acc would pick point 0
+    assert board.cell("dann", P1)["params"] == canonical_json({"lambda_max": 0.1})
+    assert board.cell("dann", P2)["params"] == canonical_json({"lambda_max": 1.0})
+    pts = board.points[(board.points["method"] == "dann")].set_index(["pair", "point"])
+    assert pts.loc[(P1, 0), "selected"] and not pts.loc[(P1, 1), "selected"]
+    assert pts.loc[(P1, 1), "target_acc_mean"] > pts.loc[(P1, 0), "target_acc_mean"]
+    assert pts.loc[(P2, 1), "selection_score"] == pytest.approx(0.60)
+
+
+def test_selection_by_another_validator_changes_choice(store_dir):
+    b = build_leaderboard(store_dir, validator="entropy")  # -target acc over ok seeds: lower acc wins
+    assert b.cell("dann", P1)["point"] == 0
+    assert b.cell("dann", P2)["point"] == 1
+
+
+def test_selection_tie_goes_to_lowest_point():
+    rows = []
+    for point in (0, 1):
+        for seed in range(2):
+            r = _record(P1, "dann", point, seed, {"lambda_max": float(point)}, tacc=0.5 + 0.1 * point, sacc=0.9)
+            r["val_v"] = 0.3
+            rows.append(r)
+    assert compute_leaderboard(rows, "v").cell("dann", P1)["point"] == 0
+
+
+def test_cell_numbers_match_hand_computation(board):
+    so1, so2 = board.cell("source-only", P1), board.cell("source-only", P2)
+    assert so1["target_acc_mean"] == pytest.approx(0.72)
+    assert so1["target_acc_std"] == pytest.approx(0.02)
+    assert so1["gap_mean"] == 0 and so1["forgetting_mean"] == 0 and so1["gap_n"] == 3
+
+    d1 = board.cell("dann", P1)  # seeds 0 and 1 only (seed 2 failed)
+    assert d1["n_seeds_ok"] == 2 and d1["n_failed"] == 1 and d1["n_skipped"] == 0
+    assert d1["target_acc_mean"] == pytest.approx(0.81)
+    assert d1["target_acc_std"] == pytest.approx(math.sqrt(0.0002))
+    assert d1["gap_mean"] == pytest.approx(0.10) and d1["gap_n"] == 2
+    assert d1["source_acc_mean"] == pytest.approx(0.91)
+    assert d1["forgetting_mean"] == pytest.approx(((0.90 - 0.95) + (0.92 - 0.96)) / 2)
+
+    d2 = board.cell("dann", P2)
+    assert d2["target_acc_mean"] == pytest.approx(0.62)
+    assert d2["gap_mean"] == pytest.approx(0.0, abs=1e-12)
+    assert d2["gap_std"] == pytest.approx(0.01)
+    assert d2["forgetting_mean"] == pytest.approx(((0.92 - 0.94) + (0.95 - 0.95) + (0.95 - 0.96)) / 3)
+    assert so2["target_acc_mean"] == pytest.approx(0.62)
+
+    o1 = board.cell("target-oracle", P1)
+    assert o1["target_acc_mean"] == pytest.approx(0.96)
+    assert o1["gap_mean"] == pytest.approx(0.24)
+
+
+def test_ranks_ties_and_reference_rows(board):
+    assert board.cell("dann", P1)["rank"] == 1 and board.cell("source-only", P1)["rank"] == 2
+    # equal means (0.62) from different seed values tie
+    assert board.cell("dann", P2)["rank"] == 1.5 and board.cell("source-only", P2)["rank"] == 1.5
+    assert math.isnan(board.cell("target-oracle", P1)["rank"])  # best accuracy, never ranked
+    assert board.method("dann")["avg_rank"] == pytest.approx(1.25)
+    assert board.method("source-only")["avg_rank"] == pytest.approx(1.75)
+    assert math.isnan(board.method("target-oracle")["avg_rank"])
+    assert list(board.methods["method"]) == ["dann", "source-only", "target-oracle"]
+
+
+def test_means_and_partial_means(board):
+    assert board.method("dann")["mean_acc"] == pytest.approx((0.81 + 0.62) / 2)
+    assert board.method("dann")["complete"]
+    oracle = board.method("target-oracle")
+    assert not oracle["complete"] and oracle["n_pairs_ok"] == 1
+    assert oracle["mean_acc"] == pytest.approx(0.96)
+
+
+def test_failed_and_skipped_counted(board):
+    assert board.method("dann")["n_failed"] == 1
+    assert board.method("target-oracle")["n_skipped"] == 3
+    sk = board.cell("target-oracle", P2)
+    assert sk["status"] == "skipped" and sk["skip_reason"] == SKIP_REASON and sk["n_skipped"] == 3
+    failed = board.issues[board.issues["status"] == "failed"]
+    assert len(failed) == 1 and failed.iloc[0]["reason"] == FAIL_REASON
+
+
+def test_markdown(board, store_dir):
+    md = to_markdown(board)
+    assert md.startswith("# Leaderboard: quick\n")
+    assert "validator `source-val`" in md
+    assert "Seeds: 3 (0, 1, 2)." in md
+    assert "moons→moons-rot35" in md and "moons:moons-rot35" not in md
+    assert "81.0 ± 1.4 (+10.0) [n=2]" in md
+    assert "72.0 ± 2.0 (+0.0)" in md
+    assert "skipped [1]" in md and f"[1] skipped: {SKIP_REASON}" in md
+    assert "96.0*" in md
+    assert FAIL_REASON in md and "seed 2" in md
+    lines = md.splitlines()
+    order = [next(i for i, l in enumerate(lines) if l.startswith(f"| {m}")) for m in
+             ("dann", "source-only (baseline)", "target-oracle (reference)")]
+    assert order == sorted(order)
+    # deterministic: same store, same bytes; input order does not matter
+    assert to_markdown(build_leaderboard(store_dir, validator="source-val")) == md
+    with RunStore(store_dir) as st:
+        rows = st.rows()
+    assert to_markdown(compute_leaderboard(rows[::-1], "source-val")) == md
+
+
+def test_csv_round_trip(board):
+    df = pd.read_csv(io.StringIO(to_csv(board)))
+    assert len(df) == 3 * 2
+    row = df[(df["method"] == "dann") & (df["pair"] == P1)].iloc[0]
+    cell = board.cell("dann", P1)
+    for col in ("target_acc_mean", "target_acc_std", "gap_mean", "forgetting_mean", "source_acc_mean", "rank"):
+        assert row[col] == cell[col]
+    assert row["n_failed"] == 1 and row["point"] == 0
+    assert df[(df["method"] == "target-oracle") & (df["pair"] == P2)].iloc[0]["status"] == "skipped"
+
+
+def test_json_loads(board):
+    doc = json.loads(to_json(board))
+    assert doc["validator"] == "source-val" and doc["seeds"] == [0, 1, 2]
+    assert [m["method"] for m in doc["methods"]] == ["dann", "source-only", "target-oracle"]
+    cell = next(c for c in doc["cells"] if c["method"] == "target-oracle" and c["pair"] == P1)
+    assert cell["rank"] is None and cell["reference"] is True and cell["target_acc_std"] == pytest.approx(0.01)
+
+
+def test_write_reports(store_dir, tmp_path):
+    paths = write_reports(store_dir, tmp_path / "out", "source-val")
+    assert set(paths) == {"md", "csv"}
+    assert paths["md"].read_text(encoding="utf-8") == to_markdown(build_leaderboard(store_dir, "source-val"))
+    again = write_reports(store_dir, tmp_path / "out2", "source-val")
+    assert again["md"].read_bytes() == paths["md"].read_bytes()
+    assert again["csv"].read_bytes() == paths["csv"].read_bytes()
+
+
+def test_all_failed_cell_and_single_seed():
+    rows = [
+        _record(P1, "source-only", 0, 0, {}, tacc=0.7, sacc=0.9),
+        _record(P1, "dann", 0, 0, {}, "failed", FAIL_REASON),
+        _record(P1, "mcc", 0, 0, {}, tacc=0.75, sacc=0.9),
+    ]
+    b = compute_leaderboard(pd.DataFrame(rows))
+    assert b.cell("dann", P1)["status"] == "failed"
+    assert math.isnan(b.cell("mcc", P1)["target_acc_std"])
+    md = to_markdown(b)
+    assert "| failed" in md
+    assert "75.0 ± — (+5.0)" in md
+    assert list(b.methods["method"]) == ["mcc", "source-only", "dann"]  # no result: last among ranked
+
+
+def test_several_points_need_a_validator(store_dir):
+    with pytest.raises(LeaderboardError, match="validator"):
+        build_leaderboard(store_dir)
+    with pytest.raises(LeaderboardError, match="stored validators"):
+        build_leaderboard(store_dir, validator="snd")
+
+
+def test_protocol_variants_are_separate_columns():
+    rows = []
+    for k in (0, 5):
+        r = _record(P1, "source-only", 0, 0, {"k": k}, tacc=0.7 + k / 100, sacc=0.9)
+        r["protocol"] = canonical_json({"k_target": k})
+        r["key"] = f"k{k}"
+        rows.append(r)
+    b = compute_leaderboard(rows)
+    assert b.pairs == (f"{P1} [k_target=0]", f"{P1} [k_target=5]")
+    assert b.pair_labels[1] == "moons→moons-rot35 [k_target=5]"
+
+
+def test_errors_say_what_to_do():
+    with pytest.raises(LeaderboardError, match="run a suite"):
+        compute_leaderboard([])
+    rows = [_record(P1, "source-only", 0, 0, {}, tacc=0.7, sacc=0.9)]
+    other = dict(rows[0], suite="digits", key="x")
+    with pytest.raises(LeaderboardError, match="suite=NAME"):
+        compute_leaderboard(rows + [other])
+    assert compute_leaderboard(rows + [other], suite="digits").suite == "digits"
+
+
+def test_pair_label():
+    assert pair_label("moons:moons-rot35") == "moons→moons-rot35"
