@@ -42,7 +42,9 @@ class DomainSpec:
     ``load(data_root)`` returns ``(X, y)``: ``X`` float32 of shape
     ``(n, *shape)`` (images scaled to [0, 1], channels first), ``y`` int64 in
     ``[0, n_classes)``.  ``base`` names the dataset the samples derive from
-    (``"mnist"`` for MNIST-M) so pairs sharing a base get disjoint samples.
+    (``"mnist"`` for MNIST-M) so pairs sharing a base get disjoint samples;
+    a derived domain must have as many samples as its base, sample ``i``
+    derived from base sample ``i``.
     """
 
     name: str
@@ -175,6 +177,21 @@ def common_shape(a: tuple[int, ...], b: tuple[int, ...], where: str) -> tuple[in
     )
 
 
+def check_domain_arrays(spec: DomainSpec, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate what a dataset plugin's ``load`` returned; DataError names the dataset."""
+    X = np.asarray(X, dtype=np.float32)
+    y = np.asarray(y)
+    if X.shape[1:] != tuple(spec.shape):
+        raise DataError(f"dataset {spec.name!r}: load() returned inputs of shape {X.shape[1:]}, declared {tuple(spec.shape)}")
+    if y.shape != (len(X),):
+        raise DataError(f"dataset {spec.name!r}: load() returned {len(X)} inputs but labels of shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer) or (len(y) and (y.min() < 0 or y.max() >= spec.n_classes)):
+        raise DataError(f"dataset {spec.name!r}: labels must be integers in [0, {spec.n_classes})")
+    if not np.isfinite(X).all():
+        raise DataError(f"dataset {spec.name!r}: load() returned non-finite inputs")
+    return X, y.astype(np.int64)
+
+
 def make_split(
     name: str,
     source: DomainSpec,
@@ -196,8 +213,17 @@ def make_split(
     Xt, yt = tgt_data
     s_idx = np.arange(len(ys))
     t_idx = np.arange(len(yt))
-    if (source.base or source.name) == (target.base or target.name) and len(ys) == len(yt):
-        perm = rng.permutation(len(ys))  # disjoint halves of the shared base
+    if (source.base or source.name) == (target.base or target.name):
+        # one base (MNIST and MNIST-M, or a domain paired with itself): sample
+        # i of each side derives from base sample i, so disjoint halves of
+        # the index range keep every base image on one side only
+        if len(ys) != len(yt):
+            raise DataError(
+                f"pair {name!r}: {source.name!r} and {target.name!r} share the base "
+                f"{source.base or source.name!r} but have {len(ys)} and {len(yt)} samples; "
+                f"a derived domain must keep sample i derived from base sample i"
+            )
+        perm = rng.permutation(len(ys))
         s_idx, t_idx = np.sort(perm[: len(perm) // 2]), np.sort(perm[len(perm) // 2 :])
     s_idx = s_idx[_cap(len(s_idx), protocol.max_source, rng)]
     t_idx = t_idx[_cap(len(t_idx), protocol.max_target, rng)]
