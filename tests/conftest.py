@@ -44,3 +44,18 @@ batch_size = 32
 [methods.source-only]
 [methods.dann]
 """
+
+
+def make_task(registry, pair: str = "moons:moons-rot35", *, seed: int = 0, steps: int = 50,
+              batch_size: int = 32, oracle: bool = False, **protocol):
+    """(task, split) for an embedded ``pair``, built as the runner builds them."""
+    from dabench.contract import Budget
+    from dabench.data.core import Protocol, make_split
+
+    s, t = pair.split(":")
+    src, tgt = registry.datasets[s], registry.datasets[t]
+    split = make_split(pair, src, tgt, src.load(None), tgt.load(None), seed=seed,
+                       protocol=Protocol(**protocol))
+    task = split.task(seed=seed, device="cpu", budget=Budget(steps, batch_size),
+                      backbone=registry.backbones["default"], oracle=oracle)
+    return task, split

@@ -1,0 +1,452 @@
+"""Shared training helpers for deep method plugins.
+
+Plugin authors may use any of these (they are public API)::
+
+    from dabench.training import (seed_everything, resolve_device, TensorBatches,
+                                  TorchPredictor, check_finite, annealed_lr, set_lr)
+
+- :func:`seed_everything` seeds Python, NumPy and torch (CPU results are then
+  bit-for-bit reproducible for a seed and a thread count).
+- :func:`resolve_device` turns ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:i"``
+  into a :class:`torch.device`, with an error that says what to do.
+- :class:`TensorBatches` keeps a dataset on the device once and yields
+  shuffled minibatches from a seeded generator (no DataLoader, no per-batch
+  host-to-device copy).
+- :func:`check_finite` raises :class:`DivergedError` when the loss is NaN or
+  infinite; the host stores such a run as ``failed`` with the message.
+- :class:`TorchPredictor` wraps trained encoder(s) and a classifier into the
+  :class:`dabench.Predictor` protocol (eval mode, no grad, batched, NumPy out).
+- :func:`fit_supervised` trains an encoder and a classifier with
+  cross-entropy under the DANN paper's optimiser and schedule (the loop of
+  the ``source-only`` and ``target-oracle`` baselines).
+- Schedules: :func:`annealed_lr` (``mu0 / (1 + alpha p) ** beta``),
+  :func:`grl_lambda` (``2 / (1 + exp(-gamma p)) - 1``) and
+  :func:`progress`; :func:`grad_reverse` is the gradient reversal layer of
+  Ganin et al. (2016).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from typing import Any, Iterator, Mapping, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "Batch",
+    "CHECK_EVERY",
+    "DivergedError",
+    "GradReverse",
+    "TensorBatches",
+    "TorchPredictor",
+    "annealed_lr",
+    "check_finite",
+    "fit_supervised",
+    "grad_reverse",
+    "grl_lambda",
+    "make_sgd",
+    "progress",
+    "resolve_device",
+    "seed_everything",
+    "set_lr",
+    "stream_seed",
+]
+
+
+# --------------------------------------------------------------------------
+# Seeds and devices
+# --------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global generator and torch (CPU and CUDA).
+
+    On CPU every op dabench uses is deterministic, so a seeded run gives the
+    same result twice (for the same ``torch.get_num_threads()``).  On CUDA
+    this also makes cuDNN pick deterministic kernels (``benchmark = False``);
+    a few CUDA kernels (atomics in scatter/index backward) may still differ
+    in the last bits between runs.
+    """
+    seed = int(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if torch.backends.cudnn.is_available():
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """A seed for an independent random stream ``stream`` of run seed ``seed``
+    (e.g. one stream for source batches, one for target batches)."""
+    ss = np.random.SeedSequence([int(seed) % 2**63, int(stream)])
+    return int(ss.generate_state(1, dtype=np.uint64)[0] % 2**63)
+
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|auto)$")
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """Map a device string to a :class:`torch.device`.
+
+    ``"auto"`` (or ``None``) is ``cuda`` when a GPU is visible, else ``cpu``.
+    ``"cpu"``, ``"cuda"`` and ``"cuda:i"`` are checked against what this
+    machine has; anything else raises :class:`ValueError` saying what is valid.
+    """
+    if isinstance(name, torch.device):
+        name = str(name)
+    name = "auto" if name is None else str(name).strip().lower()
+    if not _DEVICE_RE.match(name):
+        raise ValueError(f"unknown device {name!r}: use 'auto', 'cpu', 'cuda' or 'cuda:<index>'")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"device {name!r} requested but no CUDA GPU is visible to torch "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None}); "
+            "use --device cpu, or install a CUDA build of torch"
+        )
+    if ":" in name:
+        index = int(name.split(":", 1)[1])
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise ValueError(f"device {name!r} requested but only {count} CUDA device(s) exist (cuda:0..cuda:{count - 1})")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------
+# Minibatches from tensors kept on the device
+# --------------------------------------------------------------------------
+
+
+class Batch(NamedTuple):
+    """One minibatch: inputs, labels (or None), weights (or None) and the
+    row indices into the full dataset (for per-sample state such as pseudo-labels)."""
+
+    x: torch.Tensor
+    y: torch.Tensor | None
+    w: torch.Tensor | None
+    index: torch.Tensor
+
+
+def _to_tensor(a: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        return a.detach().to(device=device, dtype=dtype)
+    # np.array(..., copy) avoids torch's warning on the read-only arrays of a Task
+    return torch.from_numpy(np.array(a, copy=True)).to(device=device, dtype=dtype)
+
+
+class TensorBatches:
+    """Shuffled minibatches of a dataset held on ``device`` as tensors.
+
+    The data is copied to the device once.  Each epoch is a fresh permutation
+    drawn from a CPU :class:`torch.Generator` seeded with ``seed``, so the
+    order is the same for a seed on every device.  No sample repeats within
+    an epoch.
+
+    - ``next()`` returns the next :class:`Batch`, starting a new epoch when
+      the current one is used up; with ``drop_last=True`` (default) every
+      batch has exactly ``batch_size`` rows (the tail of a permutation that
+      does not fill a batch is skipped, and a different tail is skipped next
+      epoch).
+    - iterating (``for b in batches``) is ``next()`` forever;
+    - ``epoch()`` yields one pass over all rows (the last batch may be short).
+
+    ``batch_size`` larger than the dataset is clamped to its size.
+    """
+
+    def __init__(
+        self,
+        X: Any,
+        y: Any | None = None,
+        weights: Any | None = None,
+        *,
+        batch_size: int,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        drop_last: bool = True,
+    ) -> None:
+        device = torch.device(device)
+        self.X = _to_tensor(X, torch.float32, device)
+        self.n = int(self.X.shape[0])
+        if self.n == 0:
+            raise ValueError("TensorBatches needs at least one sample")
+        self.y = None if y is None else _to_tensor(y, torch.long, device)
+        self.w = None if weights is None else _to_tensor(weights, torch.float32, device)
+        for label, t in (("y", self.y), ("weights", self.w)):
+            if t is not None and int(t.shape[0]) != self.n:
+                raise ValueError(f"X has {self.n} rows but {label} has {int(t.shape[0])}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = min(int(batch_size), self.n)
+        self.device = device
+        self.drop_last = drop_last
+        self._gen = torch.Generator().manual_seed(int(seed) % 2**63)
+        self._perm: torch.Tensor | None = None
+        self._pos = 0
+        self.epochs = 0  #: permutations drawn so far
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        if self.drop_last:
+            return self.n // self.batch_size
+        return -(-self.n // self.batch_size)
+
+    def _new_perm(self) -> torch.Tensor:
+        self.epochs += 1
+        return torch.randperm(self.n, generator=self._gen).to(self.device)
+
+    def _take(self, idx: torch.Tensor) -> Batch:
+        return Batch(
+            self.X[idx],
+            None if self.y is None else self.y[idx],
+            None if self.w is None else self.w[idx],
+            idx,
+        )
+
+    def next(self) -> Batch:
+        end = self._pos + self.batch_size
+        if self._perm is None or end > self.n:
+            self._perm, self._pos = self._new_perm(), 0
+            end = self.batch_size
+        idx = self._perm[self._pos : end]
+        self._pos = end
+        return self._take(idx)
+
+    __next__ = next
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            yield self.next()
+
+    def epoch(self) -> Iterator[Batch]:
+        """One pass over every row in a fresh order (the last batch may be short).
+        Independent of the position of ``next()``."""
+        perm = self._new_perm()
+        for start in range(0, self.n, self.batch_size):
+            yield self._take(perm[start : start + self.batch_size])
+
+
+# --------------------------------------------------------------------------
+# Divergence
+# --------------------------------------------------------------------------
+
+
+class DivergedError(RuntimeError):
+    """Training diverged (a NaN or infinite loss or prediction).
+
+    Raised from ``fit``; the host records the run as ``failed`` with this
+    message as the reason, and the sweep goes on.
+    """
+
+
+def check_finite(loss: torch.Tensor | float, step: int, every: int = 1) -> None:
+    """Raise :class:`DivergedError` when ``loss`` is NaN or infinite.
+
+    Only checks when ``step % every == 0`` (reading a CUDA scalar forces a
+    device sync, so loops check every few steps; a NaN never heals, so it is
+    still caught, and :class:`TorchPredictor` catches what the last steps
+    missed).  On CPU ``every=1`` costs nothing measurable.
+    """
+    if every > 1 and step % every:
+        return
+    value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+    if not math.isfinite(value):
+        raise DivergedError(
+            f"loss became {value} at step {step}: training diverged "
+            "(try a lower learning rate or a smaller adaptation weight)"
+        )
+
+
+# --------------------------------------------------------------------------
+# Schedules, optimiser and the gradient reversal layer
+# --------------------------------------------------------------------------
+
+
+def progress(step: int, steps: int) -> float:
+    """Training progress ``p`` in [0, 1]: 0 at the first step, 1 at the last."""
+    return 0.0 if steps <= 1 else min(1.0, max(0.0, step / (steps - 1)))
+
+
+def annealed_lr(p: float, lr0: float, alpha: float = 10.0, beta: float = 0.75) -> float:
+    """DANN's learning-rate annealing ``mu_p = mu0 / (1 + alpha p) ** beta``
+    (Ganin et al. 2016, Sec. 5.2.2), ``p`` the training progress in [0, 1]."""
+    return lr0 / (1.0 + alpha * p) ** beta
+
+
+def grl_lambda(p: float, gamma: float = 10.0, max_value: float = 1.0) -> float:
+    """DANN's adaptation-factor schedule ``lambda_p = 2 / (1 + exp(-gamma p)) - 1``
+    (Ganin et al. 2016, Sec. 5.2.2), scaled by ``max_value``: 0 at p=0, rising
+    to ``max_value`` as p -> 1, which damps the noisy domain signal early on."""
+    return max_value * (2.0 / (1.0 + math.exp(-gamma * p)) - 1.0)
+
+
+def make_sgd(params: Any, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+             nesterov: bool = False) -> torch.optim.SGD:
+    """SGD with momentum; parameter groups may carry an ``lr_mult`` key that
+    :func:`set_lr` honours (e.g. 0.1 for a pretrained backbone)."""
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate to ``lr * group.get("lr_mult", 1)``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+
+
+class GradReverse(torch.autograd.Function):
+    """Gradient reversal layer (Ganin et al. 2016, Sec. 4.2): the identity in
+    the forward pass; multiplies the incoming gradient by ``-coeff`` backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, coeff: float) -> torch.Tensor:
+        ctx.coeff = float(coeff)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad_output.neg() * ctx.coeff, None
+
+
+def grad_reverse(x: torch.Tensor, coeff: float = 1.0) -> torch.Tensor:
+    """Apply the gradient reversal layer with factor ``coeff`` (lambda)."""
+    return GradReverse.apply(x, coeff)
+
+
+# --------------------------------------------------------------------------
+# The predictor
+# --------------------------------------------------------------------------
+
+DOMAINS = ("source", "target")
+
+
+class TorchPredictor:
+    """A trained torch model as a :class:`dabench.Predictor`.
+
+    :param encoder: the feature extractor, or a dict ``{"source": enc_s,
+        "target": enc_t}`` for methods with one encoder per domain
+        (heterogeneous DA).
+    :param classifier: maps features to class logits.
+    :param device: where to run inference.
+    :param batch_size: rows per forward pass.
+
+    Modules are put in eval mode; calls run under ``torch.no_grad()`` in
+    batches and return NumPy arrays: ``predict_proba`` gives float64 rows that
+    sum to 1, ``embed`` the encoder output (float32).  Non-finite outputs raise
+    :class:`DivergedError`.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module | Mapping[str, nn.Module],
+        classifier: nn.Module,
+        device: str | torch.device = "cpu",
+        batch_size: int = 1024,
+    ) -> None:
+        self.device = torch.device(device)
+        if isinstance(encoder, nn.Module):
+            encoders = {d: encoder for d in DOMAINS}
+        else:
+            encoders = dict(encoder)
+            unknown = set(encoders) - set(DOMAINS)
+            if unknown or not encoders:
+                raise ValueError(f"encoder dict keys must be among {DOMAINS}, got {sorted(encoders)}")
+        self.encoders = {d: m.to(self.device).eval() for d, m in encoders.items()}
+        self.classifier = classifier.to(self.device).eval()
+        self.batch_size = int(batch_size)
+
+    def _encoder(self, domain: str) -> nn.Module:
+        if domain not in DOMAINS:
+            raise ValueError(f"domain must be 'source' or 'target', got {domain!r}")
+        try:
+            return self.encoders[domain]
+        except KeyError:
+            raise ValueError(f"this predictor has no encoder for the {domain} domain") from None
+
+    @torch.no_grad()
+    def _map(self, X: np.ndarray, domain: str, head: bool) -> np.ndarray:
+        enc = self._encoder(domain)
+        X = np.asarray(X, dtype=np.float32)
+        if X.ndim == 1:
+            X = X[None, :]
+        X = X.reshape(len(X), int(np.prod(X.shape[1:])))
+        outs = []
+        for start in range(0, len(X), self.batch_size):
+            xb = torch.from_numpy(np.array(X[start : start + self.batch_size], copy=True)).to(self.device)
+            z = enc(xb)
+            if head:
+                z = torch.softmax(self.classifier(z).float(), dim=1)
+            outs.append(z.float().cpu())
+        if not outs:
+            width = self._empty_width(enc, head)
+            return np.zeros((0, width), dtype=np.float64 if head else np.float32)
+        out = torch.cat(outs).numpy()
+        if not np.isfinite(out).all():
+            raise DivergedError(f"the model outputs non-finite {'probabilities' if head else 'embeddings'}: training diverged")
+        return out
+
+    def _empty_width(self, enc: nn.Module, head: bool) -> int:
+        last = [m for m in (self.classifier if head else enc).modules() if isinstance(m, nn.Linear)]
+        return last[-1].out_features if last else 0
+
+    def predict_proba(self, X: np.ndarray, domain: str = "target") -> np.ndarray:
+        """Class probabilities, shape ``(n, n_classes)``, rows summing to 1."""
+        p = self._map(X, domain, head=True).astype(np.float64)
+        p /= p.sum(axis=1, keepdims=True) if len(p) else 1.0
+        return p
+
+    def embed(self, X: np.ndarray, domain: str = "target") -> np.ndarray:
+        """Encoder features, shape ``(n, d)``."""
+        return self._map(X, domain, head=False)
+
+
+# --------------------------------------------------------------------------
+# The plain supervised loop of the baselines
+# --------------------------------------------------------------------------
+
+#: Sync-free loops: read the loss for the NaN check every this many steps.
+CHECK_EVERY = 25
+
+
+def fit_supervised(
+    encoder: nn.Module,
+    classifier: nn.Module,
+    X: Any,
+    y: Any,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    device: str | torch.device,
+    seed: int,
+) -> None:
+    """Train ``classifier(encoder(x))`` on ``(X, y)`` with cross-entropy, in place.
+
+    ``steps`` SGD steps (momentum 0.9, ``weight_decay``) on minibatches of
+    ``batch_size`` drawn by :class:`TensorBatches` with ``seed``; the learning
+    rate is annealed ``lr / (1 + 10 p) ** 0.75`` (Ganin et al. 2016).  Raises
+    :class:`DivergedError` on a non-finite loss.
+    """
+    device = torch.device(device)
+    encoder.to(device).train()
+    classifier.to(device).train()
+    opt = make_sgd(list(encoder.parameters()) + list(classifier.parameters()),
+                   lr=lr, momentum=0.9, weight_decay=weight_decay)
+    batches = TensorBatches(X, y, batch_size=batch_size, device=device, seed=seed)
+    loss = torch.zeros(())
+    for step in range(steps):
+        set_lr(opt, annealed_lr(progress(step, steps), lr))
+        b = batches.next()
+        loss = nn.functional.cross_entropy(classifier(encoder(b.x)), b.y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        check_finite(loss, step, every=CHECK_EVERY)
+    check_finite(loss, steps)
