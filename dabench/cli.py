@@ -157,7 +157,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         console.error(str(e))
         return EXIT_BAD_INPUT
     try:
-        device = resolve_device(args.device)
+        device = str(resolve_device(args.device))
     except (ValueError, RuntimeError) as e:
         console.error(f"--device: {e}")
         return EXIT_BAD_INPUT

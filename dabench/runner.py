@@ -27,7 +27,7 @@ import numpy as np
 
 from . import __version__
 from .contract import Task
-from .data.core import DomainSpec, PairSplit, make_split
+from .data.core import DomainSpec, PairSplit, check_domain_arrays, make_split
 from .plugins import Registry
 from .store import RunStore, canonical_json
 from .suite import RunSpec, Suite
@@ -158,8 +158,7 @@ class Runner:
 
     def _load_domain(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         spec: DomainSpec = self.registry.datasets[name]
-        X, y = spec.load(self.data_root)
-        return np.asarray(X, dtype=np.float32), np.asarray(y, dtype=np.int64)
+        return check_domain_arrays(spec, *spec.load(self.data_root))
 
     def split(self, spec: RunSpec) -> PairSplit:
         key = (spec.pair.name, canonical_json(spec.pair.protocol.as_dict()), spec.seed)
