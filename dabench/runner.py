@@ -7,6 +7,10 @@ every validator, and writes one row to the store in one transaction.  A
 method that raises, or whose loss diverges, is stored as ``failed`` with the
 reason; the sweep goes on.  ``KeyboardInterrupt`` stops the sweep between
 stores, never inside one.
+
+Where runs are computed is the executor's business (:mod:`dabench.executors`:
+serial, a process pool, Ray); whatever the executor, only this driver writes
+the store.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class RunResult:
     scores: dict[str, float | None] = field(default_factory=dict)
     wall_time_s: float = 0.0
     peak_mem_mb: float | None = None
+    device: str | None = None  # where it ran (None: the runner's device)
 
 
 @dataclass
@@ -56,6 +61,7 @@ class Summary:
     ok: int = 0
     failed: int = 0
     skipped: int = 0
+    lost: int = 0  # runs whose worker died: not stored, a rerun computes them
     wall_time_s: float = 0.0
 
 
@@ -145,13 +151,17 @@ def _reason(exc: BaseException) -> str:
 class Runner:
     """Runs a suite's specs against a registry and a store."""
 
-    def __init__(self, registry: Registry, store: RunStore, device: str = "cpu",
+    def __init__(self, registry: Registry, store: RunStore | None, device: str = "cpu",
                  data_root: str | Path | None = None,
-                 on_event: Callable[..., None] | None = None) -> None:
+                 on_event: Callable[..., None] | None = None,
+                 plugins_dir: str | Path | None = None) -> None:
         self.registry = registry
         self.store = store
         self.device = device
         self.data_root = Path(data_root) if data_root else None
+        #: where the registry's extra plugins came from: worker processes
+        #: (pool, Ray) rebuild the same registry from it
+        self.plugins_dir = Path(plugins_dir) if plugins_dir else None
         self.on_event = on_event or (lambda *a, **k: None)
         self._split_cache: dict[tuple, PairSplit] = {}
         self._load = lru_cache(maxsize=16)(self._load_domain)
@@ -171,28 +181,32 @@ class Runner:
             )
         return self._split_cache[key]
 
-    def run_one(self, spec: RunSpec) -> RunResult:
+    def run_one(self, spec: RunSpec, device: str | None = None) -> RunResult:
+        """Compute one run on ``device`` (default: the runner's) and return
+        its result; never writes the store."""
         from .training import seed_everything
 
+        device = device or self.device
         cls = self.registry.methods[spec.method]
         t0 = time.perf_counter()
         try:
             split = self.split(spec)
         except Exception as exc:
-            return RunResult(spec, "failed", f"data: {_reason(exc)}", wall_time_s=time.perf_counter() - t0)
+            return RunResult(spec, "failed", f"data: {_reason(exc)}", wall_time_s=time.perf_counter() - t0,
+                             device=device)
         task = split.task(
-            seed=spec.seed, device=self.device, budget=spec.pair.budget,
+            seed=spec.seed, device=device, budget=spec.pair.budget,
             backbone=self.registry.backbones[spec.backbone], oracle="oracle" in cls.requires,
         )
         reason = cls.skip(task)
         if reason:
-            return RunResult(spec, "skipped", reason)
-        cuda = self.device.startswith("cuda")
+            return RunResult(spec, "skipped", reason, device=device)
+        cuda = device.startswith("cuda")
         _reset_peak_rss()
         if cuda:
             import torch
 
-            torch.cuda.reset_peak_memory_stats(self.device)
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         try:
             seed_everything(spec.seed)
@@ -205,14 +219,14 @@ class Runner:
         except Exception as exc:
             log.debug("run %s failed:\n%s", spec.key, traceback.format_exc())
             return RunResult(spec, "failed", _reason(exc), wall_time_s=time.perf_counter() - t0,
-                             peak_mem_mb=_peak_rss_mb())
+                             peak_mem_mb=_peak_rss_mb(), device=device)
         peak = _peak_rss_mb()
         if cuda:
             import torch
 
-            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            peak = torch.cuda.max_memory_allocated(device) / 2**20
         return RunResult(spec, "ok", None, metrics["target_acc"], metrics["target_f1"], metrics.get("source_acc"),
-                         scores, wall, peak)
+                         scores, wall, peak, device)
 
     def record(self, r: RunResult, started: str) -> dict[str, Any]:
         s = r.spec
@@ -226,24 +240,51 @@ class Runner:
             "backbone": s.backbone, "status": r.status, "reason": r.reason,
             "target_acc": r.target_acc, "target_f1": r.target_f1, "source_acc": r.source_acc,
             "wall_time_s": r.wall_time_s, "peak_mem_mb": r.peak_mem_mb,
-            "device": self.device if r.status == "ok" else None,
+            "device": (r.device or self.device) if r.status == "ok" else None,
             "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "dabench_version": __version__,
         }
 
-    def run(self, suite: Suite, retry_failed: bool = False) -> Summary:
+    def run(self, suite: Suite, retry_failed: bool = False, executor: Any = None) -> Summary:
+        """Run every spec of ``suite`` not yet in the store (and the failed
+        ones with ``retry_failed``) on ``executor`` (default: serial), storing
+        each result the moment it comes back.
+
+        Events sent to ``on_event``: ``start`` (total, todo, done, executor),
+        ``run_start`` when a run is handed to a worker (index in dispatch
+        order, spec, device), ``run_end`` when its result is stored (index =
+        number of results so far - 1, result), ``run_lost`` when its worker
+        died (it is not stored), ``end`` (summary).
+        """
+        from .executors import LostRun, SerialExecutor
+
+        if self.store is None:
+            raise RuntimeError("Runner.run needs a store")
+        executor = executor if executor is not None else SerialExecutor()
         specs = suite.expand(self.registry)
         status = self.store.statuses()
         todo = [s for s in specs if s.key not in status or (retry_failed and status[s.key] == "failed")]
         summary = Summary(total=len(specs), already_done=len(specs) - len(todo))
-        self.on_event("start", suite=suite, total=len(specs), todo=len(todo), done=summary.already_done)
+        self.on_event("start", suite=suite, total=len(specs), todo=len(todo), done=summary.already_done,
+                      executor=executor)
         t_start = time.perf_counter()
-        for i, spec in enumerate(todo):
-            self.on_event("run_start", index=i, todo=len(todo), spec=spec,
-                          elapsed=time.perf_counter() - t_start)
-            started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            result = self.run_one(spec)
-            rec = self.record(result, started)
+        started: dict[str, str] = {}
+
+        def dispatched(spec: RunSpec, device: str) -> None:
+            started[spec.key] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            self.on_event("run_start", index=len(started) - 1, todo=len(todo), spec=spec, device=device,
+                          elapsed=time.perf_counter() - t_start, completed=summary.ran + summary.lost)
+
+        for result in executor.map(self, todo, dispatched):
+            spec = result.spec
+            if isinstance(result, LostRun):
+                summary.lost += 1
+                log.warning("run %s lost (%s); it is not stored, rerun the sweep to compute it",
+                            spec.key[:12], result.reason)
+                self.on_event("run_lost", index=summary.ran + summary.lost - 1, todo=len(todo), spec=spec,
+                              reason=result.reason, elapsed=time.perf_counter() - t_start)
+                continue
+            rec = self.record(result, started.get(spec.key) or datetime.now(timezone.utc).isoformat(timespec="seconds"))
             self.store.write(rec, result.scores)
             summary.ran += 1
             setattr(summary, result.status, getattr(summary, result.status) + 1)
@@ -252,8 +293,8 @@ class Runner:
                 self.registry.pm.hook.dabench_run_finished(record=hook_rec) if self.registry.pm else None
             except Exception as exc:
                 log.warning("a dabench_run_finished hook failed (ignored): %s", _reason(exc))
-            self.on_event("run_end", index=i, todo=len(todo), spec=spec, result=result,
-                          elapsed=time.perf_counter() - t_start)
+            self.on_event("run_end", index=summary.ran + summary.lost - 1, todo=len(todo), spec=spec,
+                          result=result, elapsed=time.perf_counter() - t_start)
         summary.wall_time_s = time.perf_counter() - t_start
         self.on_event("end", summary=summary)
         return summary
