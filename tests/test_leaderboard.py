@@ -255,3 +255,146 @@ def test_errors_say_what_to_do():
 
 def test_pair_label():
     assert pair_label("moons:moons-rot35") == "moons→moons-rot35"
+
+
+# ---------------------------------------------------------------- negative transfer, warning, selection
+
+
+def test_holm_known_answer():
+    from dabench.leaderboard import holm
+
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    out = holm([0.5, math.nan, 0.01])
+    assert out[0] == pytest.approx(0.5) and math.isnan(out[1]) and out[2] == pytest.approx(0.02)
+
+
+def test_paired_t_test_matches_scipy():
+    from scipy import stats
+
+    from dabench.leaderboard import paired_t_test
+
+    a, b = [0.61, 0.60, 0.66], [0.70, 0.72, 0.74]
+    t, p = paired_t_test([x - y for x, y in zip(a, b)])
+    ref = stats.ttest_rel(a, b)
+    assert t == pytest.approx(ref.statistic) and p == pytest.approx(ref.pvalue)
+    assert paired_t_test([0.1, 0.1, 0.1])[1] == 0.0  # identical non-zero differences
+    assert paired_t_test([0.0, 0.0])[1] == 1.0
+    assert math.isnan(paired_t_test([0.1])[1])
+
+
+def _nt_rows():
+    """Three pairs, 3 seeds: 'aligner' hurts on P1 (consistently), helps on P2, is noisy on P3.
+    Extras: the aligner drags its predicted prior away from the reference's BBSE estimate on P1."""
+    P3 = "covshift-source:covshift-target"
+    so = {P1: [0.70, 0.72, 0.74], P2: [0.60, 0.62, 0.64], P3: [0.50, 0.60, 0.70]}
+    al = {P1: [0.40, 0.43, 0.44], P2: [0.80, 0.83, 0.84], P3: [0.62, 0.55, 0.68]}
+    rows = []
+    for pair in (P1, P2, P3):
+        for seed in range(3):
+            for method, acc in (("source-only", so), ("aligner", al)):
+                r = _record(pair, method, 0, seed, {}, tacc=acc[pair][seed], sacc=0.9)
+                r["key"] = f"{pair}-{method}-{seed}"
+                r["val_source-val"] = 0.9
+                drift = method == "aligner" and pair == P1
+                r.update({"x_prior_pred_0": 0.8 if drift else 0.3, "x_prior_pred_1": 0.2 if drift else 0.7,
+                          "x_prior_bbse_0": 0.25, "x_prior_bbse_1": 0.75,
+                          "x_target_pred": "0,0,0,0" if drift else "1,1,0,1"})
+                rows.append(r)
+    return rows, P3
+
+
+def test_negative_transfer_verdicts_paired_test_and_holm():
+    from scipy import stats
+
+    rows, P3 = _nt_rows()
+    b = compute_leaderboard(rows)
+    c1, c2, c3 = (b.cell("aligner", p) for p in (P1, P2, P3))
+    assert c1["nt_flag"] == "negative transfer" and c1["gap_mean"] < 0
+    assert c2["nt_flag"] == "better"
+    assert c3["nt_flag"] == "n.s."
+    # the p-values are paired t-tests, Holm-corrected over the method's three pairs
+    raw = [stats.ttest_rel([r for r in al], so).pvalue for al, so in (
+        ([0.40, 0.43, 0.44], [0.70, 0.72, 0.74]), ([0.80, 0.83, 0.84], [0.60, 0.62, 0.64]),
+        ([0.62, 0.55, 0.68], [0.50, 0.60, 0.70]))]
+    assert c1["nt_p"] == pytest.approx(raw[0])
+    from dabench.leaderboard import holm
+
+    assert [c1["nt_p_holm"], c2["nt_p_holm"], c3["nt_p_holm"]] == pytest.approx(holm(raw))
+    assert c1["nt_n"] == 3
+    # the reference itself is not tested
+    assert b.cell("source-only", P1)["nt_flag"] == "n/a"
+    # a significantly better cell is never flagged
+    assert not ((b.cells["nt_flag"] == "negative transfer") & (b.cells["gap_mean"] > 0)).any()
+    info = b.nt_test
+    assert info["alpha"] == 0.05 and "paired t-test" in info["test"] and "Holm" in info["correction"]
+    assert info["n_seeds"] == 3 and "only 3 paired seeds" in info["power_warning"]
+    md = to_markdown(b)
+    assert "## Negative transfer" in md and "**Warning**: only 3 paired seeds" in md
+    assert "**negative transfer**" in md and " **NT**" in md
+    assert "Wilcoxon" in md
+
+
+def test_label_free_warning_and_its_evaluation():
+    rows, P3 = _nt_rows()
+    b = compute_leaderboard(rows)
+    c1, c2 = b.cell("aligner", P1), b.cell("aligner", P2)
+    # predicted prior (0.8, 0.2) vs BBSE (0.25, 0.75): TV 0.55; the reference's (0.3, 0.7): TV 0.05
+    assert c1["warn_prior_drift"] == pytest.approx(0.50)
+    assert c2["warn_prior_drift"] == pytest.approx(0.0)
+    assert c1["warn_flag"] is True and c2["warn_flag"] is False
+    assert c1["warn_disagreement"] == pytest.approx(0.75)  # 3 of the 4 stored predictions differ
+    assert c1["warn_val_source-val"] == pytest.approx(0.0)
+    ev = b.warning_eval
+    assert ev["n_cells"] == 3 and ev["n_negative_transfer"] == 1
+    assert ev["precision"] == 1.0 and ev["recall"] == 1.0 and ev["auroc"] == 1.0
+    assert set(ev["candidate_auroc"]) >= {"warn_prior_drift", "warn_disagreement", "warn_val_source-val"}
+    md = to_markdown(b)
+    assert "## Label-free negative-transfer warning" in md and "AUROC 1.00" in md
+    doc = json.loads(to_json(b))
+    assert doc["warning_evaluation"]["auroc"] == 1.0
+    cell = next(c for c in doc["cells"] if c["method"] == "aligner" and c["pair"] == P1)
+    assert cell["nt_flag"] == "negative transfer" and cell["warn_flag"] is True
+
+
+def test_warning_without_extras_is_missing_not_wrong(board):
+    c = board.cell("dann", P1)
+    assert math.isnan(c["warn_prior_drift"]) and c["warn_flag"] is None
+    assert math.isnan(board.warning_eval["auroc"])
+    assert "## Label-free negative-transfer warning" in to_markdown(board)
+
+
+def test_reference_is_target_only_k_with_labelled_target_samples():
+    rows = []
+    for seed in range(3):
+        for method, acc in (("source-only", 0.5), ("target-only-k", 0.8), ("fewshot", 0.7)):
+            r = _record(P1, method, 0, seed, {}, tacc=acc + 0.01 * seed * (method == "fewshot"), sacc=0.9)
+            r["protocol"] = canonical_json({"k_target": 5, "feature_space": "shared"})
+            r["key"] = f"{method}{seed}"
+            rows.append(r)
+    b = compute_leaderboard(rows)
+    c = b.cell("fewshot", P1)
+    assert c["nt_reference"] == "target-only-k"
+    assert c["gap_mean"] == pytest.approx(-0.09)  # against target-only-k, not source-only
+    assert c["forgetting_mean"] == pytest.approx(0.0)  # forgetting stays against source-only
+    assert c["nt_flag"] == "negative transfer"
+    assert b.cell("source-only", P1)["nt_flag"] in ("negative transfer", "n.s.")  # tested against target-only-k
+    assert b.cell("target-only-k", P1)["nt_flag"] == "n/a"
+
+
+def test_oracle_selection_and_selection_gap(board):
+    sel = board.selection.set_index(["method", "pair", "validator"])
+    r = sel.loc[("dann", P1, "source-val")]
+    assert r["point"] == 0 and r["oracle_point"] == 1
+    assert r["oracle_acc_mean"] == pytest.approx(0.91)
+    assert r["selection_gap"] == pytest.approx(0.91 - 0.81)
+    r2 = sel.loc[("dann", P2, "source-val")]
+    assert r2["point"] == 1 and r2["oracle_point"] == 0 and r2["selection_gap"] == pytest.approx(0.71 - 0.62)
+    assert sel.loc[("dann", P1, "entropy")]["selection_gap"] == pytest.approx(0.10)
+    assert ("source-only", P1, "source-val") not in sel.index  # one point: nothing to select
+    md = to_markdown(board)
+    assert "## Oracle selection (upper bound: uses target labels)" in md
+    assert "91.0 ± 1.0 [point 1]" in md
+    assert "### Selection gap per validator" in md and "source-val (main)" in md
+    assert "9.5" in md  # mean gap of source-val over the two pairs, in points
+    doc = json.loads(to_json(board))
+    assert {s["validator"] for s in doc["selection"]} == {"source-val", "entropy"}
