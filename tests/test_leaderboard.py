@@ -6,6 +6,7 @@ import io
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -398,3 +399,64 @@ def test_oracle_selection_and_selection_gap(board):
     assert "9.5" in md  # mean gap of source-val over the two pairs, in points
     doc = json.loads(to_json(board))
     assert {s["validator"] for s in doc["selection"]} == {"source-val", "entropy"}
+
+
+# ---------------------------------------------------------------- label-free run statistics in the store
+
+
+def test_store_keeps_extras_and_opens_old_stores(tmp_path):
+    import sqlite3
+
+    from dabench.store import RunScores
+
+    rec = _record(P1, "dann", 0, 0, {}, tacc=0.7, sacc=0.9)
+    with RunStore(tmp_path) as st:
+        st.write(rec, RunScores({"snd": 1.5}, extras={"prior_pred_0": 0.25, "target_pred": "0,1,1"}))
+        row = st.rows()[0]
+    assert row["val_snd"] == 1.5 and row["x_prior_pred_0"] == 0.25 and row["x_target_pred"] == "0,1,1"
+    with RunStore(tmp_path) as st:  # a rewrite of the run replaces its extras
+        st.write(rec, {"snd": 1.0})
+        assert "x_prior_pred_0" not in st.rows()[0]
+    # a store written before the extras table existed still opens, and gains the table
+    old = tmp_path / "old"
+    with RunStore(old) as st:
+        st.write(rec, {"snd": 1.0})
+    with sqlite3.connect(old / "runs.sqlite") as con:
+        con.execute("DROP TABLE extras")
+    with RunStore(old) as st:
+        assert st.rows()[0]["val_snd"] == 1.0
+        st.write(dict(rec, key="new"), RunScores(extras={"prior_pred_0": 0.5}))
+        assert {r["key"]: r.get("x_prior_pred_0") for r in st.rows()}["new"] == 0.5
+
+
+def test_bbse_recovers_a_shifted_class_prior():
+    from dabench.runner import bbse_prior
+
+    rng = np.random.default_rng(0)
+    # a classifier that is right 90% of the time on both classes
+    def proba(y):
+        right = rng.random(len(y)) < 0.9
+        pred = np.where(right, y, 1 - y)
+        return np.eye(2)[pred] * 0.98 + 0.01
+    ys = rng.integers(0, 2, 4000)  # source 50/50
+    yt = (rng.random(4000) < 0.8).astype(int)  # target 20/80
+    q = bbse_prior(proba(ys), ys, proba(yt))
+    assert q == pytest.approx([0.2, 0.8], abs=0.03)
+
+
+def test_evaluate_records_label_free_extras(registry):
+    from conftest import make_task
+
+    from dabench.runner import N_STORED_PREDICTIONS, evaluate
+
+    task, split = make_task(registry, "condshift-source:condshift-target", steps=30)
+    pred = registry.methods["source-only"]().fit(task)
+    metrics, scores = evaluate(pred, split, task, {"bnm": registry.validators["bnm"]})
+    assert set(scores) == {"bnm"}
+    ex = scores.extras
+    p = pred.predict_proba(task.target_train.X)
+    assert [ex["prior_pred_0"], ex["prior_pred_1"]] == pytest.approx(p.mean(0))
+    assert ex["prior_bbse_0"] + ex["prior_bbse_1"] == pytest.approx(1.0)
+    labels = ex["target_pred"].split(",")
+    assert len(labels) == min(N_STORED_PREDICTIONS, len(task.target_train.X))
+    assert labels == [str(c) for c in p[:len(labels)].argmax(1)]
