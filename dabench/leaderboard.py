@@ -51,8 +51,10 @@ __all__ = [
     "build_leaderboard",
     "compute_leaderboard",
     "pair_label",
+    "render",
     "to_csv",
     "to_json",
+    "to_html",
     "to_markdown",
     "write_reports",
 ]
@@ -325,11 +327,12 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 
 
 def _prior(row: Mapping[str, Any], kind: str) -> np.ndarray | None:
-    keys = sorted((k for k in row if k.startswith(f"x_prior_{kind}_")), key=lambda k: int(k.rsplit("_", 1)[1]))
-    vals = [row[k] for k in keys]
-    if not vals or any(_isnan(v) for v in vals):
+    # a frame of several pairs has x_prior_* columns for the largest class count: NaN beyond this pair's
+    keys = sorted((k for k in row if k.startswith(f"x_prior_{kind}_") and not _isnan(row[k])),
+                  key=lambda k: int(k.rsplit("_", 1)[1]))
+    if not keys or [int(k.rsplit("_", 1)[1]) for k in keys] != list(range(len(keys))):
         return None
-    return np.asarray(vals, dtype=np.float64)
+    return np.asarray([row[k] for k in keys], dtype=np.float64)
 
 
 def _preds(row: Mapping[str, Any]) -> np.ndarray | None:
@@ -876,7 +879,8 @@ def _md_negative_transfer(board: Leaderboard) -> list[str]:
                 line.append("—")
                 continue
             verdict = "**negative transfer**" if c["nt_flag"] == "negative transfer" else c["nt_flag"]
-            line.append(f"{_signed_pct(c['gap_mean'])} (p={_p(c['nt_p_holm'])}) {verdict}")
+            pv = _p(c["nt_p_holm"])
+            line.append(f"{_signed_pct(c['gap_mean'])} (p{pv if pv.startswith('<') else '=' + pv}) {verdict}")
         rows.append(line)
     if rows:
         out += _md_table(["Method", *board.pair_labels], rows, [False] * (1 + len(board.pairs)))
@@ -1157,7 +1161,23 @@ def to_json(board: Leaderboard) -> str:
     return json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
-_RENDERERS = {"md": to_markdown, "csv": to_csv, "json": to_json}
+def to_html(board: Leaderboard) -> str:
+    """The self-contained HTML page (see :mod:`dabench.report_html`; needs matplotlib)."""
+    from .report_html import to_html as render
+
+    return render(board)
+
+
+_RENDERERS = {"md": to_markdown, "csv": to_csv, "json": to_json, "html": to_html}
+#: The report formats :func:`write_reports` and ``dabench leaderboard --format`` know.
+FORMATS = tuple(_RENDERERS)
+
+
+def render(board: Leaderboard, fmt: str) -> str:
+    """The board in one of :data:`FORMATS`."""
+    if fmt not in _RENDERERS:
+        raise LeaderboardError(f"unknown report format {fmt!r}; choose from {list(FORMATS)}")
+    return _RENDERERS[fmt](board)
 
 
 def write_reports(
@@ -1171,7 +1191,7 @@ def write_reports(
     suite: str | None = None,
 ) -> dict[str, Path]:
     """Write ``leaderboard.<fmt>`` for each of ``formats`` (``md``, ``csv``,
-    ``json``) into ``out_dir``; return ``{fmt: path}``."""
+    ``json``, ``html``) into ``out_dir``; return ``{fmt: path}``."""
     unknown = [f for f in formats if f not in _RENDERERS]
     if unknown:
         raise LeaderboardError(f"unknown report format(s) {unknown}; choose from {sorted(_RENDERERS)}")
