@@ -460,3 +460,18 @@ def test_evaluate_records_label_free_extras(registry):
     labels = ex["target_pred"].split(",")
     assert len(labels) == min(N_STORED_PREDICTIONS, len(task.target_train.X))
     assert labels == [str(c) for c in p[:len(labels)].argmax(1)]
+
+
+def test_warning_discounts_drift_within_the_references_seed_noise():
+    rows, P3 = _nt_rows()
+    # on P3 the reference's own predicted prior jumps between seeds, and the aligner drifts
+    ref_priors = {0: (0.3, 0.7), 1: (0.7, 0.3), 2: (0.3, 0.7)}
+    for r in rows:
+        if r["pair"] == P3:
+            p0, p1 = ref_priors[r["seed"]] if r["method"] == "source-only" else (0.8, 0.2)
+            r.update({"x_prior_pred_0": p0, "x_prior_pred_1": p1})
+    c = compute_leaderboard(rows).cell("aligner", P3)
+    # per seed: TV(aligner, bbse) - TV(ref, bbse) = 0.55 - {0.05, 0.45, 0.05} = {0.5, 0.1, 0.5}
+    assert c["warn_prior_drift"] == pytest.approx((0.5 + 0.1 + 0.5) / 3)
+    spread = (0.4 + 0.0 + 0.4) / 3  # mean pairwise TV of the reference's priors over seeds
+    assert c["warn_prior_drift_beyond_noise"] == pytest.approx(c["warn_prior_drift"] - spread)
