@@ -4,7 +4,7 @@
     dabench run SUITE [--results DIR] [--methods a,b] [--pairs x,y] [--seeds N]
                       [--device auto|cpu|cuda[:i]] [--retry-failed]
                       [--jobs N] [--executor local|ray [--address ADDR]]
-    dabench leaderboard DIR [--format md|csv|json] [--out FILE] [--validator NAME]
+    dabench leaderboard DIR [--format md|csv|json|html] [--out FILE] [--validator NAME]
 
 Every command takes ``--plugins-dir DIR`` (load each ``*.py`` there as a
 plugin).  Exit codes: 0 success, 1 runtime failure, 2 bad input (suite,
@@ -255,7 +255,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace, console: Console) -> int:
-    from .leaderboard import LeaderboardError, build_leaderboard, to_csv, to_json, to_markdown
+    from .leaderboard import LeaderboardError, build_leaderboard, render
     from .store import RunStore, StoreError
 
     try:
@@ -269,7 +269,11 @@ def cmd_leaderboard(args: argparse.Namespace, console: Console) -> int:
     except LeaderboardError as e:
         console.error(str(e))
         return EXIT_BAD_INPUT
-    text = {"md": to_markdown, "csv": to_csv, "json": to_json}[args.format](board)
+    try:
+        text = render(board, args.format)
+    except LeaderboardError as e:
+        console.error(str(e))
+        return EXIT_BAD_INPUT
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
         console.info(f"wrote {args.out}")
@@ -315,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     lb = sub.add_parser("leaderboard", parents=[common], help="render the leaderboard of a results folder")
     lb.add_argument("dir", metavar="DIR", help="a results folder holding runs.sqlite")
-    lb.add_argument("--format", choices=["md", "csv", "json"], default="md")
+    lb.add_argument("--format", choices=["md", "csv", "json", "html"], default="md",
+                    help="md, csv, json (every number and flag) or html (self-contained page with plots)")
     lb.add_argument("--out", metavar="FILE", help="write to FILE instead of stdout")
     lb.add_argument("--validator", help="validator for hyperparameter selection (default: the suite's)")
     lb.add_argument("--suite", help="which suite, when the store holds several")

@@ -33,7 +33,7 @@ from . import __version__
 from .contract import Task
 from .data.core import DomainSpec, PairSplit, check_domain_arrays, make_split
 from .plugins import Registry
-from .store import RunStore, canonical_json
+from .store import RunScores, RunStore, canonical_json
 from .suite import RunSpec, Suite
 
 log = logging.getLogger("dabench")
@@ -118,7 +118,50 @@ def macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
     return float(f1_score(y, pred, labels=list(range(n_classes)), average="macro", zero_division=0))
 
 
-def evaluate(predictor: Any, split: PairSplit, task: Task, validators: dict[str, Any]) -> tuple[dict, dict]:
+#: How many target-train points' predicted classes are stored per run (in
+#: order, so runs of one pair and seed can be compared point by point).
+N_STORED_PREDICTIONS = 500
+
+
+def bbse_prior(source_proba: np.ndarray, source_y: np.ndarray, target_proba: np.ndarray) -> np.ndarray:
+    """Target class prior estimated without target labels (black-box shift
+    estimation, Lipton, Wang, Smola, ICML 2018, with soft confusions).
+
+    ``C[i, j] = mean over labelled source points of p(yhat = i | x) 1[y = j]``
+    and ``mu[i] = mean over target points of p(yhat = i | x)``; under label
+    shift ``mu = C w`` with ``w_j = q(y = j) / p(y = j)``.  ``w`` is solved by
+    least squares, clipped at 0, and ``q = w p`` normalised.
+    """
+    k = source_proba.shape[1]
+    onehot = np.eye(k)[np.asarray(source_y, dtype=np.int64)]
+    C = source_proba.T @ onehot / len(source_y)
+    mu = target_proba.mean(0)
+    w = np.clip(np.linalg.lstsq(C, mu, rcond=None)[0], 0.0, None)
+    q = w * onehot.mean(0)
+    return q / q.sum() if q.sum() > 0 else np.full(k, 1.0 / k)
+
+
+def label_free_extras(predictor: Any, task: Task, n_classes: int) -> dict[str, float | str]:
+    """Per-run statistics computed without target labels, for the
+    leaderboard's negative-transfer warning: the mean predicted target class
+    distribution (``prior_pred_<c>``), its BBSE estimate (``prior_bbse_<c>``)
+    and the predicted classes of the first target-train points
+    (``target_pred``, comma separated)."""
+    pt = _checked_proba(predictor, task.target_train.X, "target", n_classes)
+    pv = _checked_proba(predictor, task.source_val.X, "source", n_classes)
+    extras: dict[str, float | str] = {}
+    for c, v in enumerate(pt.mean(0)):
+        extras[f"prior_pred_{c}"] = float(v)
+    for c, v in enumerate(bbse_prior(pv, task.source_val.y, pt)):
+        extras[f"prior_bbse_{c}"] = float(v)
+    extras["target_pred"] = ",".join(str(int(c)) for c in pt[:N_STORED_PREDICTIONS].argmax(1))
+    return extras
+
+
+def evaluate(predictor: Any, split: PairSplit, task: Task, validators: dict[str, Any]) -> tuple[dict, RunScores]:
+    """Target/source metrics (with the host's labels) and the validator
+    scores; the scores carry the run's label-free extras
+    (:func:`label_free_extras`) to the store."""
     pt = _checked_proba(predictor, split.target_test.X, "target", split.n_classes)
     yhat = pt.argmax(1)
     metrics = {
@@ -127,7 +170,7 @@ def evaluate(predictor: Any, split: PairSplit, task: Task, validators: dict[str,
     }
     ps = _checked_proba(predictor, split.source_test.X, "source", split.n_classes)
     metrics["source_acc"] = float((ps.argmax(1) == split.source_test.y).mean())
-    scores: dict[str, float | None] = {}
+    scores = RunScores()
     for name, v in sorted(validators.items()):
         try:
             s = float(v.score(predictor, task))
@@ -135,6 +178,10 @@ def evaluate(predictor: Any, split: PairSplit, task: Task, validators: dict[str,
         except Exception as exc:  # a broken validator must not fail the run
             log.warning("validator %s failed on %s: %s", name, split.name, exc)
             scores[name] = None
+    try:
+        scores.extras = label_free_extras(predictor, task, split.n_classes)
+    except Exception as exc:  # statistics for the warning must not fail the run
+        log.warning("label-free statistics failed on %s: %s", split.name, exc)
     return metrics, scores
 
 
