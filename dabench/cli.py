@@ -75,7 +75,7 @@ def _registry(args: argparse.Namespace, console: Console):
 def cmd_list(args: argparse.Namespace, console: Console) -> int:
     reg = _registry(args, console)
     what = args.what
-    kinds = {"methods": ("method", "plugin"), "validators": ("validator", "plugin"),
+    kinds = {"methods": ("method", "validator", "plugin"), "validators": ("validator", "plugin"),
              "datasets": ("dataset", "plugin")}.get(what, ())
     for u in reg.unavailable:
         if u.kind in kinds:

@@ -80,8 +80,10 @@ def _import_project(folder: Path) -> list[tuple[str, ModuleType]]:
     return out
 
 
-def _load_target(target: str, args: argparse.Namespace, console: Any) -> tuple[list[tuple[type, ModuleType | None]], list[str]]:
-    """``[(method class, plugin module)]`` and plugin-level error lines for TARGET."""
+def _load_target(target: str, args: argparse.Namespace,
+                 console: Any) -> tuple[list[tuple[type, ModuleType | None]], list[str], list[str]]:
+    """``[(method class, plugin module)]``, plugin-level error lines and
+    notes (what a plugin says is unavailable here) for TARGET."""
     from .plugins import (
         PluginError,
         _module_from_path,
@@ -119,6 +121,7 @@ def _load_target(target: str, args: argparse.Namespace, console: Any) -> tuple[l
         except Exception as exc:
             raise _TargetError(f"cannot import {path}: {type(exc).__name__}: {exc}") from None
         found: list[tuple[type, ModuleType | None]] = []
+        notes: list[str] = []
         for name, mod in modules:
             mismatch = check_plugin_contract(mod)
             if mismatch:
@@ -132,23 +135,24 @@ def _load_target(target: str, args: argparse.Namespace, console: Any) -> tuple[l
                 continue
             reg = build_registry(pm)
             errors += [str(e) for e in reg.errors]
-            errors += [str(u) for u in reg.unavailable]
+            notes += [str(u) for u in reg.unavailable]
             found += [(cls, mod) for _, cls in sorted(reg.methods.items())]
-        return found, errors
+        return found, errors, notes
 
     reg = get_registry(plugins_dir=getattr(args, "plugins_dir", None))
     if target in reg.methods:
         owner = reg.owner.get(("method", target))
         plugin = reg.pm.get_plugin(owner) if reg.pm and owner else None
-        return [(reg.methods[target], plugin if isinstance(plugin, ModuleType) else None)], []
+        return [(reg.methods[target], plugin if isinstance(plugin, ModuleType) else None)], [], []
     if target in reg.plugins:
         info = reg.plugins[target]
         plugin = reg.pm.get_plugin(target) if reg.pm else None
-        errs = [str(e) for e in reg.errors if e.plugin == target] + [str(u) for u in reg.unavailable if u.plugin == target]
-        return [(reg.methods[m], plugin if isinstance(plugin, ModuleType) else None) for m in info.methods], errs
+        errs = [str(e) for e in reg.errors if e.plugin == target]
+        notes = [str(u) for u in reg.unavailable if u.plugin == target]
+        return [(reg.methods[m], plugin if isinstance(plugin, ModuleType) else None) for m in info.methods], errs, notes
     errs = [str(e) for e in reg.errors if e.plugin == target]
     if errs:
-        return [], errs
+        return [], errs, []
     raise _TargetError(f"{target!r} is neither a file or folder nor a registered method or plugin; "
                        f"methods: {', '.join(sorted(reg.methods))}")
 
@@ -165,18 +169,20 @@ def cmd_check(args: argparse.Namespace, console: Any) -> int:
             console.error(f"--checks: unknown {bad}; checks: {', '.join(known)}")
             return EXIT_BAD_INPUT
     try:
-        methods, errors = _load_target(args.target, args, console)
+        methods, errors, notes = _load_target(args.target, args, console)
     except _TargetError as e:
         console.error(str(e))
         return EXIT_BAD_INPUT
     rows: list[dict[str, Any]] = []
     for line in errors:
         console.out(f"FAIL  {line}")
-    if not methods and not errors:
+    for line in notes:
+        console.out(f"SKIP  {line}")
+    if not methods and not errors and not notes:
         console.out(f"FAIL  {args.target}: registers no method; add a @hookimpl dabench_methods(register) "
                     "that calls register(YourMethod)")
         return EXIT_FAIL
-    failed = bool(errors) and not all(" is unavailable: " in e for e in errors)
+    failed = bool(errors) or not methods
     counts = {"PASS": 0, "FAIL": 0, "SKIP": 0}
     for cls, plugin in methods:
         console.info(f"checking {cls.name} ({cls.__module__}.{cls.__name__}) ...")
@@ -191,9 +197,10 @@ def cmd_check(args: argparse.Namespace, console: Any) -> int:
             rows.append({"method": r.method, "check": r.check, "status": r.status, "message": r.message})
         failed = failed or any(r.status == "FAIL" for r in results)
     if args.json:
-        console.out(json.dumps({"results": rows, "errors": errors}, indent=2))
+        console.out(json.dumps({"results": rows, "errors": errors, "unavailable": notes}, indent=2))
     console.out(f"{len(methods)} method(s): {counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped"
-                + (f", {len(errors)} plugin problem(s)" if errors else ""))
+                + (f", {len(errors)} plugin problem(s)" if errors else "")
+                + (f", {len(notes)} unavailable here" if notes else ""))
     return EXIT_FAIL if failed else 0
 
 
