@@ -245,7 +245,8 @@ class PaDANN(PytorchAdaptMethod):
     paper = "Ganin et al., JMLR 17(59), 2016, via pytorch-adapt 0.0.83 DANNHook (Musgrave et al. 2022)"
     hyperparameters = {
         **_COMMON,
-        "grl_weight": Float(0.3, 0.01, 3.0, log=True, help="gradient reversal weight (constant)"),
+        "grl_weight": Float(0.3, 0.01, 3.0, log=True,
+                            help="gradient reversal weight, constant over training (pytorch-adapt's default is 1)"),
         "disc_hidden": Int(100, 16, 1024, log=True, help="hidden units per discriminator layer"),
         "disc_layers": Int(1, 1, 3, help="hidden layers of the discriminator"),
     }
