@@ -5,6 +5,8 @@
                       [--device auto|cpu|cuda[:i]] [--retry-failed]
                       [--jobs N] [--executor local|ray [--address ADDR]]
     dabench leaderboard DIR [--format md|csv|json|html] [--out FILE] [--validator NAME]
+    dabench plugin check NAME|PATH      (the conformance kit, dabench.testing)
+    dabench plugin new NAME [--dir DIR] (a ready plugin package)
 
 Every command takes ``--plugins-dir DIR`` (load each ``*.py`` there as a
 plugin).  Exit codes: 0 success, 1 runtime failure, 2 bad input (suite,
@@ -74,6 +76,11 @@ def _registry(args: argparse.Namespace, console: Console):
 def cmd_list(args: argparse.Namespace, console: Console) -> int:
     reg = _registry(args, console)
     what = args.what
+    kinds = {"methods": ("method", "validator", "plugin"), "validators": ("validator", "plugin"),
+             "datasets": ("dataset", "plugin")}.get(what, ())
+    for u in reg.unavailable:
+        if u.kind in kinds:
+            console.warn(str(u))
     rows: list[dict[str, Any]]
     if what == "methods":
         rows = []
@@ -96,7 +103,9 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
                 for n, v in sorted(reg.validators.items())]
     elif what == "plugins":
         rows = [{"name": p.name, "origin": p.origin, "methods": p.methods, "datasets": p.datasets,
-                 "validators": p.validators, "backbones": p.backbones} for p in reg.plugins.values()]
+                 "validators": p.validators, "backbones": p.backbones,
+                 "unavailable": [{"kind": k, "name": n, "reason": r} for k, n, r in p.unavailable]}
+                for p in reg.plugins.values()]
         rows += [{"name": e.plugin, "error": e.message} for e in reg.errors]
     else:  # suites
         from .suite import SuiteError, parse_suite
@@ -131,6 +140,9 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
             console.out(f"{r['name']:<14} {r['paper']}")
         elif what == "plugins":
             console.out(f"{r['name']:<16} {r['origin']}")
+            for u in r["unavailable"]:
+                what_ = "the whole plugin" if u["kind"] == "plugin" else f"{u['kind']} {u['name']}"
+                console.out(f"{'':<16}   unavailable: {what_}: {u['reason']}")
         else:
             console.out(f"{r['name']:<14} {r['path']:<28} {r['runs']:>4} runs  {len(r['pairs'])} pairs × "
                         f"{len(r['methods'])} methods × {r['seeds']} seeds")
@@ -325,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--validator", help="validator for hyperparameter selection (default: the suite's)")
     lb.add_argument("--suite", help="which suite, when the store holds several")
     lb.set_defaults(func=cmd_leaderboard)
+
+    from .cli_plugin import add_parser as add_plugin_parser
+
+    add_plugin_parser(sub, common)
     return p
 
 

@@ -19,6 +19,10 @@ from typing import Any, Callable, ClassVar, Mapping, Protocol, runtime_checkable
 import numpy as np
 
 CONTRACT_VERSION = "1"
+#: Backward-compatible revisions of the contract within :data:`CONTRACT_VERSION`
+#: (new optional Task fields, new helpers).  A plugin needing revision ``r``
+#: declares ``requires_contract = "1.r"``; hosts with an older revision refuse it.
+CONTRACT_REVISION = 0
 
 #: Method families the host knows.  Plugins may use others; the leaderboard
 #: groups by this string.
@@ -327,6 +331,31 @@ class Method:
         raise NotImplementedError
 
 
+def contract_mismatch(required: Any) -> str | None:
+    """Why a plugin declaring ``required`` (``"MAJOR"`` or ``"MAJOR.REVISION"``)
+    cannot run on this host, or None when it can.
+
+    Compatible: same major version, and a revision no newer than
+    :data:`CONTRACT_REVISION`.  A different major version means the contract
+    changed incompatibly (renamed fields, new semantics).
+    """
+    text = str(required).strip()
+    parts = text.split(".")
+    if not (1 <= len(parts) <= 2 and all(p.isdigit() for p in parts)):
+        return (f"declares contract {text!r}, which is not a version like '1' or '1.0'; "
+                f"set it to '{CONTRACT_VERSION}'")
+    major, rev = parts[0], int(parts[1]) if len(parts) == 2 else 0
+    host = f"{CONTRACT_VERSION}.{CONTRACT_REVISION}"
+    if major != CONTRACT_VERSION:
+        return (f"was written for dabench contract {text}, this dabench implements contract {host}: "
+                f"install a release of the plugin built for contract {CONTRACT_VERSION}, "
+                f"or a dabench implementing contract {major}")
+    if rev > CONTRACT_REVISION:
+        return (f"needs dabench contract {text}, this dabench implements contract {host}: "
+                "upgrade dabench (pip install -U dabench)")
+    return None
+
+
 def validate_method_class(cls: Any) -> None:
     """Raise ContractError, saying what to change, when ``cls`` is not a valid method."""
     if not isinstance(cls, type) or not issubclass(cls, Method):
@@ -335,11 +364,9 @@ def validate_method_class(cls: Any) -> None:
         raise ContractError(f"{cls.__name__}.name must be a non-empty lower-case string without spaces, got {cls.name!r}")
     if ":" in cls.name or "," in cls.name:
         raise ContractError(f"{cls.__name__}.name must not contain ':' or ',', got {cls.name!r}")
-    if str(cls.requires_contract).split(".")[0] != CONTRACT_VERSION:
-        raise ContractError(
-            f"method {cls.name!r} was written for dabench contract {cls.requires_contract}, "
-            f"this host implements contract {CONTRACT_VERSION}: upgrade the plugin or dabench"
-        )
+    mismatch = contract_mismatch(cls.requires_contract)
+    if mismatch:
+        raise ContractError(f"method {cls.name!r} {mismatch}")
     unknown = set(cls.requires) - set(REQUIREMENTS)
     if unknown:
         raise ContractError(f"method {cls.name!r} declares unknown requirements {sorted(unknown)}; known: {sorted(REQUIREMENTS)}")

@@ -77,6 +77,24 @@ def dabench_backbones(register: Callable[[str, Callable[..., Any]], None]) -> No
 
 
 @hookspec
+def dabench_unavailable(register: Callable[[str, str, str], None]) -> None:
+    """Say what this plugin cannot provide on this machine, and why.
+
+    Called once per plugin when the host builds its registry, after the
+    registration hooks.  An optional dependency that is missing or cannot be
+    imported should not fail the host: register what you can, and report the
+    rest here.  ``dabench list methods`` / ``list validators`` print one
+    warning line per unavailable item, and ``dabench list plugins`` shows them.
+
+    :param register: call ``register(kind, name, reason)`` with ``kind`` one of
+        ``"method"``, ``"validator"``, ``"dataset"``, ``"backbone"`` or
+        ``"plugin"`` (the whole plugin), the ``name`` users would type, and a
+        one-line ``reason`` that says what to install or fix.
+    :return: nothing.
+    """
+
+
+@hookspec
 def dabench_run_finished(record: dict[str, Any]) -> None:
     """Called after each run has been written to the store (ok, failed or skipped).
 

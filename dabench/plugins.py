@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 import pluggy
 
 from . import hookspecs
-from .contract import ContractError, Method, validate_method_class
+from .contract import ContractError, Method, contract_mismatch, validate_method_class
 from .data.core import DomainSpec
 
 log = logging.getLogger("dabench")
@@ -52,6 +52,35 @@ class PluginInfo:
     datasets: list[str] = field(default_factory=list)
     validators: list[str] = field(default_factory=list)
     backbones: list[str] = field(default_factory=list)
+    #: ``(kind, name, reason)`` for what the plugin could not provide here
+    #: (from its ``dabench_unavailable`` hook).
+    unavailable: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """Something a plugin knows it cannot provide on this machine, and why."""
+
+    plugin: str
+    kind: str  # "method", "validator", "dataset", "backbone" or "plugin"
+    name: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name!r} of plugin {self.plugin!r} is unavailable: {self.reason}"
+
+
+#: Module attribute a plugin may set to the contract it was written for.
+CONTRACT_ATTR = "dabench_contract"
+
+
+def check_plugin_contract(plugin: Any) -> str | None:
+    """The reason ``plugin`` (a module) cannot be loaded on this host's
+    contract, from its optional ``dabench_contract`` attribute, or None."""
+    declared = getattr(plugin, CONTRACT_ATTR, None)
+    if declared is None:
+        return None
+    return contract_mismatch(declared)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -109,6 +138,10 @@ def get_plugin_manager(
                 continue
             try:
                 plugin = ep.load()
+                mismatch = check_plugin_contract(plugin)
+                if mismatch:
+                    errors.append(PluginError(ep.name, f"{mismatch}; it was skipped"))
+                    continue
                 pm.register(plugin, name=ep.name)
                 origins[ep.name] = f"entry point {ep.value}"
             except Exception as exc:  # a broken plugin fails alone
@@ -128,7 +161,12 @@ def get_plugin_manager(
                     errors.append(PluginError(name, f"{path} has the same name as an installed plugin; it was skipped"))
                     continue
                 try:
-                    pm.register(_module_from_path(path), name=name)
+                    module = _module_from_path(path)
+                    mismatch = check_plugin_contract(module)
+                    if mismatch:
+                        errors.append(PluginError(name, f"{path} {mismatch}; it was skipped"))
+                        continue
+                    pm.register(module, name=name)
                     origins[name] = str(path)
                 except Exception as exc:
                     errors.append(PluginError(name, f"failed to import {path}: {_one_line(exc)}; it was skipped"))
@@ -146,6 +184,7 @@ class Registry:
     backbones: dict[str, Callable[..., Any]] = field(default_factory=dict)
     plugins: dict[str, PluginInfo] = field(default_factory=dict)
     errors: list[PluginError] = field(default_factory=list)
+    unavailable: list[Unavailable] = field(default_factory=list)
     owner: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> plugin
     pm: pluggy.PluginManager | None = None
 
@@ -222,6 +261,24 @@ def build_registry(pm: pluggy.PluginManager, errors: list[PluginError] | None = 
     run_hook("dabench_datasets", "dataset", reg.datasets, _validate_domain, lambda d: d)
     run_hook("dabench_validators", "validator", reg.validators, _validate_validator, lambda v: v)
     run_hook("dabench_backbones", "backbone", reg.backbones, validate_backbone, lambda a: a[1])
+
+    for impl in pm.hook.dabench_unavailable.get_hookimpls():
+        pname = impl.plugin_name
+        info = reg.plugins.setdefault(pname, PluginInfo(pname, origins.get(pname, "")))
+        found: list[Unavailable] = []
+
+        def say(kind: str, name: str, reason: str) -> None:
+            if kind not in ("method", "validator", "dataset", "backbone", "plugin"):
+                raise ContractError(f"dabench_unavailable: unknown kind {kind!r}")
+            found.append(Unavailable(pname, kind, str(name), str(reason).strip().replace("\n", " ")))
+
+        try:
+            impl.function(register=say)
+        except Exception as exc:
+            reg.errors.append(PluginError(pname, f"dabench_unavailable failed: {_one_line(exc)}"))
+            continue
+        reg.unavailable += found
+        info.unavailable += [(u.kind, u.name, u.reason) for u in found]
     return reg
 
 
