@@ -141,8 +141,8 @@ class Augment:
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
     """``theta_T <- alpha theta_T + (1 - alpha) theta_S`` for every parameter."""
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)
+    # one fused op over all parameters: t + (1 - alpha) (s - t)
+    torch._foreach_lerp_(list(teacher.parameters()), [p.detach() for p in student.parameters()], 1.0 - alpha)
 
 
 def consistency_loss(student_proba: torch.Tensor, teacher_proba: torch.Tensor,
