@@ -236,3 +236,16 @@ def test_gw_hda_needs_no_target_labels_and_skips_shared_spaces(registry):
     assert q.shape == (len(idx), 10) and np.allclose(q.sum(1), 1.0)
     pred = cls(n_match=60, latent_dim=16).fit(task)
     assert pred.embed(split.target_test.X, "target").shape[1] == pred.embed(split.source_test.X, "source").shape[1]
+
+
+@pytest.mark.parametrize("name,pair,protocol", [
+    ("iw-kliep", "covshift-source:covshift-target", {}),
+    ("stn", "digits:mnist", {"feature_space": "native", "k_target": 1}),
+    ("gw-hda", "digits:mnist", {"feature_space": "native"}),
+])
+def test_seeded_fit_is_deterministic_on_cpu(registry, name, pair, protocol):
+    task, split = make_task(registry, pair, steps=4, max_source=300, max_target=300, **protocol)
+    params = {"n_match": 60} if name == "gw-hda" else {}
+    a = registry.methods[name](**params).fit(task).predict_proba(split.target_test.X)
+    b = registry.methods[name](**params).fit(task).predict_proba(split.target_test.X)
+    assert np.array_equal(a, b)
