@@ -249,3 +249,34 @@ def test_seeded_fit_is_deterministic_on_cpu(registry, name, pair, protocol):
     a = registry.methods[name](**params).fit(task).predict_proba(split.target_test.X)
     b = registry.methods[name](**params).fit(task).predict_proba(split.target_test.X)
     assert np.array_equal(a, b)
+
+
+def test_native_pair_suite_runs_end_to_end(tmp_path):
+    """A suite with a heterogeneous pair: the target-only and heterogeneous methods
+    run (no source accuracy for the target-only one), source-only is skipped."""
+    from conftest import run_cli, write
+
+    suite = write(tmp_path / "het.toml", """
+        name = "het"
+        seeds = 1
+        pairs = [ { pair = "digits:mnist", protocol = { feature_space = "native", k_target = 1 } } ]
+        [protocol]
+        max_source = 200
+        max_target = 200
+        [budget]
+        steps = 3
+        batch_size = 16
+        [methods.source-only]
+        [methods.target-only-k]
+        [methods.stn]
+        [methods.gw-hda]
+        params = { n_match = 50 }
+    """)
+    out = run_cli("run", str(suite), "--results", str(tmp_path / "res"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    log = out.stdout + out.stderr
+    assert "source acc n/a" in log
+    assert "skipped: needs a shared feature space" in log
+    board = (tmp_path / "res" / "leaderboard.md").read_text()
+    for name in ("target-only-k", "stn", "gw-hda"):
+        assert name in board
