@@ -231,7 +231,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         elif kind == "run_end":
             r = ev["result"]
             if r.status == "ok":
-                console.info(f"      ok: target acc {r.target_acc:.3f}, source acc {r.source_acc:.3f} "
+                src = "n/a" if r.source_acc is None else f"{r.source_acc:.3f}"
+                console.info(f"      ok: target acc {r.target_acc:.3f}, source acc {src} "
                              f"({r.wall_time_s:.1f} s)")
             else:
                 console.info(f"      {r.status}: {r.reason}")

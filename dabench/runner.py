@@ -168,8 +168,15 @@ def evaluate(predictor: Any, split: PairSplit, task: Task, validators: dict[str,
         "target_acc": float((yhat == split.target_test.y).mean()),
         "target_f1": macro_f1(split.target_test.y, yhat, split.n_classes),
     }
-    ps = _checked_proba(predictor, split.source_test.X, "source", split.n_classes)
-    metrics["source_acc"] = float((ps.argmax(1) == split.source_test.y).mean())
+    try:
+        ps = _checked_proba(predictor, split.source_test.X, "source", split.n_classes)
+        metrics["source_acc"] = float((ps.argmax(1) == split.source_test.y).mean())
+    except ValueError:
+        # On a heterogeneous pair a target-only model (target-oracle,
+        # target-only-k) has no source encoder: no source accuracy to report.
+        if split.same_feature_space:
+            raise
+        metrics["source_acc"] = None
     scores = RunScores()
     for name, v in sorted(validators.items()):
         try:
