@@ -4,6 +4,7 @@
     dabench run SUITE [--results DIR] [--methods a,b] [--pairs x,y] [--seeds N]
                       [--device auto|cpu|cuda[:i]] [--retry-failed]
     dabench leaderboard DIR [--format md|csv|json] [--out FILE] [--validator NAME]
+    dabench data list|download NAME|verify NAME [--data-root DIR]   (see dabench.cli_data)
 
 Every command takes ``--plugins-dir DIR`` (load each ``*.py`` there as a
 plugin).  Exit codes: 0 success, 1 runtime failure, 2 bad input (suite,
@@ -270,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--validator", help="validator for hyperparameter selection (default: the suite's)")
     lb.add_argument("--suite", help="which suite, when the store holds several")
     lb.set_defaults(func=cmd_leaderboard)
+
+    from .cli_data import add_parser as add_data_parser
+
+    add_data_parser(sub, [common])
     return p
 
 
