@@ -540,3 +540,51 @@ def test_resnet50_end_to_end_backbone(registry, monkeypatch):
     net, out = registry.backbones["resnet50"]((3, 64, 64))
     assert out == 2048
     assert net.eval()(torch.rand(2, 3 * 64 * 64)).shape == (2, 2048)
+
+
+# --------------------------------------------------------------------------
+# suites: the training protocol and per-pair backbones
+# --------------------------------------------------------------------------
+
+HEAD_SUITE = """
+name = "h"
+seeds = 1
+backbone = "mlp"
+pairs = [PAIRS]
+[protocol]
+TRAINING
+[methods.source-only]
+"""
+
+
+def _suite(tmp_path, pairs: str, training: str = ""):
+    return write(tmp_path / "s.toml", HEAD_SUITE.replace("PAIRS", pairs).replace("TRAINING", training))
+
+
+def test_head_protocol_is_checked_and_lands_in_the_run_key(registry, tmp_path):
+    from dabench.suite import SuiteError, parse_suite
+
+    feats = '"office31-amazon@resnet50:office31-webcam@resnet50"'
+    with pytest.raises(SuiteError, match='set training = "head"'):
+        parse_suite(_suite(tmp_path, feats), registry)
+    with pytest.raises(SuiteError, match="cached-feature domains"):
+        parse_suite(_suite(tmp_path, '"office31-amazon:office31-webcam"', 'training = "head"'), registry)
+    with pytest.raises(SuiteError, match="protocol.training"):
+        parse_suite(_suite(tmp_path, feats, 'training = "frozen"'), registry)
+    head = parse_suite(_suite(tmp_path, feats, 'training = "head"'), registry)
+    assert head.pairs[0].protocol.as_dict()["training"] == "head"
+    e2e = parse_suite(_suite(tmp_path, '"office31-amazon:office31-webcam"', 'training = "end-to-end"'), registry)
+    # the default is left out of the stored protocol, so older run keys are unchanged
+    assert "training" not in e2e.pairs[0].protocol.as_dict()
+    assert Protocol(training="head").as_dict() != Protocol().as_dict()
+
+
+def test_pairs_may_override_the_backbone(registry, tmp_path):
+    from dabench.suite import SuiteError, parse_suite
+
+    path = _suite(tmp_path, '"mnist-full:usps", { pair = "svhn:mnist-full", backbone = "dtn" }')
+    specs = parse_suite(path, registry).expand(registry)
+    assert {(s.pair.name, s.backbone) for s in specs} == {("mnist-full:usps", "mlp"), ("svhn:mnist-full", "dtn")}
+    assert len({s.key for s in specs}) == 2
+    with pytest.raises(SuiteError, match="unknown backbone"):
+        parse_suite(_suite(tmp_path, '{ pair = "svhn:mnist-full", backbone = "nope" }'), registry)

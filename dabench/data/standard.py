@@ -529,7 +529,7 @@ def domains() -> list[DomainSpec]:
         for bb, dim in FEATURE_BACKBONES.items():
             out.append(DomainSpec(f"{name}@{bb}", label_space, len(dom.classes), (dim,), _feature_loader(dom, bb),
                                   description=f"{name} {bb} ImageNet features (head protocol, cached on disk)",
-                                  source=dom.dataset))
+                                  source=dom.dataset, features=bb))
     for d in AMAZON_DOMAINS:
         out.append(DomainSpec(f"amazon-{d}", "sentiment2", 2, (AMAZON_VOCAB,), functools.partial(_amazon_load, d),
                               description=f"Amazon {d} reviews, 2,000, 5,000 binary uni/bigram features",
