@@ -267,7 +267,7 @@ def test_digits_are_downloaded_checked_parsed_and_paired(mirror, monkeypatch, tm
     assert len(split.target_test.y) == 130
 
 
-def test_short_run_on_the_fixture_pair(mirror, monkeypatch, tmp_path):
+def test_short_run_on_the_fixture_pair(mirror, monkeypatch, tmp_path, capsys):
     from dabench.cli import main
 
     root = tmp_path / "data"
@@ -276,6 +276,10 @@ def test_short_run_on_the_fixture_pair(mirror, monkeypatch, tmp_path):
     assert main(["data", "download", "mnist", "--data-root", str(root)]) == 0
     assert main(["data", "download", "usps", "--data-root", str(root)]) == 0
     assert main(["data", "verify", "usps", "--data-root", str(root)]) == 0
+    capsys.readouterr()
+    assert main(["data", "list", "--data-root", str(root)]) == 0
+    listing = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "2/2 files" in listing["usps"] and "0/2 files" in listing["svhn"] and "manual" in listing["office31"]
     suite = write(tmp_path / "fixture.toml", """
         name = "fixture-digits"
         seeds = 1

@@ -639,6 +639,9 @@ def _fetch(ds: Dataset, f: RemoteFile, root: DataRoot, progress: bool) -> FileSt
         import requests
     except ImportError as exc:
         raise DataError(f"downloading needs pooch ({exc}); run `pip install pooch`") from exc
+    # pooch logs every download and, for files without a known hash, advice
+    # meant for pooch users; dabench logs its own lines (and pins) instead
+    pooch.get_logger().setLevel(logging.WARNING)
     folder = root.path / ds.name
     folder.mkdir(parents=True, exist_ok=True)
     pin = read_pins(folder).get(f.name)
