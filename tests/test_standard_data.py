@@ -64,7 +64,8 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def publish(mirror: Path, monkeypatch, dataset: str, files: dict[str, bytes], pin: bool = True) -> None:
+def publish(mirror: Path, monkeypatch, dataset: str, files: dict[str, bytes], pin: bool = True,
+            algo: str = "sha256") -> None:
     """Put ``files`` on the mirror under ``dataset/``.  With ``pin``, the
     registry's upstream hashes are replaced by the fixtures' sha256 (the real
     ones describe the real, multi-MB files); without, the dataset keeps its
@@ -75,8 +76,9 @@ def publish(mirror: Path, monkeypatch, dataset: str, files: dict[str, bytes], pi
     ds = dl.DATASETS[dataset]
     assert {f.name for f in ds.files} == set(files), "a fixture must provide every file of the dataset"
     if pin:
-        new = tuple(dataclasses.replace(f, sha256=_sha(files[f.name]), md5=None, size=None,
-                                        hash_source="test fixture") for f in ds.files)
+        digest = {"sha256": _sha, "md5": lambda b: hashlib.md5(b).hexdigest()}[algo]
+        new = tuple(dataclasses.replace(f, **{"sha256": None, "md5": None, algo: digest(files[f.name])},
+                                        size=None, hash_source="test fixture") for f in ds.files)
         monkeypatch.setitem(dl.DATASETS, dataset, dataclasses.replace(ds, files=new))
 
 
@@ -174,14 +176,14 @@ def class_colour(label: int) -> tuple[int, int, int]:
     return (label * 8 % 256, 255 - label * 8 % 256, 128)
 
 
-def office31_files(per_class=2):
+def office31_files(per_class=2, top=""):
     from dabench.data.standard import OFFICE31_CLASSES
 
     members = {}
     for dom in ("amazon", "dslr", "webcam"):
         for label, c in enumerate(OFFICE31_CLASSES):
             for i in range(per_class):
-                members[f"{dom}/images/{c}/frame_{i:04d}.jpg"] = jpeg(class_colour(label))
+                members[f"{top}{dom}/images/{c}/frame_{i:04d}.jpg"] = jpeg(class_colour(label))
     return {"domain_adaptation_images.tar.gz": tar_gz(members)}
 
 
@@ -321,6 +323,19 @@ def test_corrupt_download_is_refused_and_not_kept(mirror, monkeypatch, tmp_path)
     assert not (root / "usps" / "usps.bz2").exists()  # the bad bytes were not kept
 
 
+def test_md5_only_files_are_checked_and_their_sha256_recorded(mirror, monkeypatch, tmp_path):
+    root = tmp_path / "data"
+    files, _, _ = usps_files(30, 20)
+    publish(mirror, monkeypatch, "usps", files, algo="md5")  # torchvision publishes only md5 for USPS
+    assert [s.state for s in dl.download("usps", root)] == ["ok", "ok"]
+    assert dl.read_pins(root / "usps") == {n: _sha(b) for n, b in files.items()}
+    path = root / "usps" / "usps.t.bz2"
+    path.write_bytes(b"BZh" + path.read_bytes()[3:-1])
+    with pytest.raises(DataError, match=hashlib.md5(files["usps.t.bz2"]).hexdigest()):
+        dl.verify("usps", root)
+    assert not path.exists()
+
+
 def test_file_corrupted_on_disk_is_refused_removed_and_reported(mirror, monkeypatch, tmp_path, registry):
     root = tmp_path / "data"
     files, _, _ = mnist_files(50, 20)
@@ -351,7 +366,7 @@ def test_office31_folders_download_pin_and_load(mirror, monkeypatch, tmp_path, r
     from dabench.data.standard import OFFICE31_CLASSES
 
     root = tmp_path / "data"
-    files = office31_files()
+    files = office31_files(top="domain_adaptation_images/")  # either archive layout is read
     publish(mirror, monkeypatch, "office31", files, pin=False)  # no upstream hash: trust on first use
     statuses = dl.download("office31", root)
     assert [s.state for s in statuses] == ["pinned"]

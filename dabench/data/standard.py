@@ -284,10 +284,16 @@ class ImageDomain:
     classes: tuple[str, ...]
     folder: str  # relative to <root>/<dataset>
     list_file: str | None = None  # VisDA: "relative/path label" lines
+    #: other places the folder may be (archives repacked with an extra top folder)
+    alternatives: tuple[str, ...] = ()
 
     def items(self, data_root: Path | str | None = None) -> list[tuple[Path, int]]:
         """``(image path, label)`` for every image, in a stable order."""
-        base = require_extracted(self.dataset, self.archive, data_root, probe=self.probe) / self.folder
+        root = require_extracted(self.dataset, self.archive, data_root, probe=self.probe)
+        base = root / self.folder
+        for alt in self.alternatives:
+            if not base.is_dir() and (root / alt).is_dir():
+                base = root / alt
         if self.list_file:
             return _read_image_list(base, self.list_file, len(self.classes))
         return _scan_class_folders(base, self.classes, self.name)
@@ -376,8 +382,8 @@ def image_batches(items: Sequence[tuple[Path, int]], batch: int, resize: int = 2
 IMAGE_DOMAINS: dict[str, ImageDomain] = {}
 for _d in ("amazon", "dslr", "webcam"):
     IMAGE_DOMAINS[f"office31-{_d}"] = ImageDomain(
-        f"office31-{_d}", "office31", "domain_adaptation_images.tar.gz", "*/images",
-        OFFICE31_CLASSES, f"{_d}/images")
+        f"office31-{_d}", "office31", "domain_adaptation_images.tar.gz", f"*{_d}/images",
+        OFFICE31_CLASSES, f"{_d}/images", alternatives=(f"domain_adaptation_images/{_d}/images",))
 for _d, _folder in (("art", "Art"), ("clipart", "Clipart"), ("product", "Product"), ("realworld", "Real World")):
     IMAGE_DOMAINS[f"officehome-{_d}"] = ImageDomain(
         f"officehome-{_d}", "officehome", "OfficeHomeDataset_10072016.zip", "OfficeHomeDataset_10072016/*",
