@@ -7,6 +7,7 @@
     dabench leaderboard DIR [--format md|csv|json|html] [--out FILE] [--validator NAME]
     dabench plugin check NAME|PATH      (the conformance kit, dabench.testing)
     dabench plugin new NAME [--dir DIR] (a ready plugin package)
+    dabench data list|download NAME|verify NAME [--data-root DIR]   (see dabench.cli_data)
 
 Every command takes ``--plugins-dir DIR`` (load each ``*.py`` there as a
 plugin).  Exit codes: 0 success, 1 runtime failure, 2 bad input (suite,
@@ -342,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_plugin import add_parser as add_plugin_parser
 
     add_plugin_parser(sub, common)
+    from .cli_data import add_parser as add_data_parser
+
+    add_data_parser(sub, [common])
     return p
 
 
