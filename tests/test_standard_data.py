@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import gzip
 import hashlib
+import importlib.util
 import io
 import struct
 import tarfile
@@ -377,6 +378,18 @@ def test_office31_folders_download_pin_and_load(mirror, monkeypatch, tmp_path, r
     for label in (0, 17, 30):  # the class folder decides the label: the fixture colours encode it
         i = int(np.flatnonzero(y == label)[0])
         np.testing.assert_allclose(X[i, :, 100, 100] * 255, class_colour(label), atol=6)
+    # head protocol: the feature domain extracts once through the cache under <root>/features
+    from dabench import image_backbones
+
+    if importlib.util.find_spec("torchvision") is None:
+        with pytest.raises(DataError, match="needs torchvision"):
+            registry.datasets["office31-webcam@resnet50"].load(root)
+    calls: list = []
+    monkeypatch.setattr(image_backbones, "get_feature_extractor", lambda name: _counting_extractor(calls))
+    F1, yf = registry.datasets["office31-webcam@resnet50"].load(root)
+    F2, _ = registry.datasets["office31-webcam@resnet50"].load(root)
+    assert sum(calls) == 62 and F1.shape == (62, 3) and np.array_equal(F1, F2) and np.array_equal(yf, y)
+    assert len(list((root / "features" / "office31-webcam@meanrgb").glob("*.npz"))) == 1
     # a pinned archive that changes afterwards is refused like an upstream mismatch
     archive = root / "office31" / "domain_adaptation_images.tar.gz"
     archive.write_bytes(archive.read_bytes() + b"tampered")

@@ -8,8 +8,9 @@ run store keys runs:
 
 - the **key** is the sha256 of the canonical JSON of everything that changes
   the features: the domain, the list of image files (relative path, size,
-  modification time and label of each), the extractor's name, its weights
-  and its preprocessing, and :data:`FEATURE_FORMAT`;
+  modification time and label of each), the sha256 of the dataset's
+  archives when known, the extractor's name, its weights and its
+  preprocessing, and :data:`FEATURE_FORMAT`;
 - an entry is ``<cache>/<domain>@<extractor>/<key>.npz`` (``X`` float32,
   ``y`` int64) plus ``<key>.json``, a manifest holding the key, the fields
   it hashes, the shapes and the sha256 of the ``.npz`` bytes, written last
@@ -88,8 +89,9 @@ def files_fingerprint(items: Sequence[tuple[Path, int]], base: Path) -> str:
 
 
 def cache_key(domain: str, items: Sequence[tuple[Path, int]], extractor: FeatureExtractor,
-              base: Path) -> tuple[str, dict]:
+              base: Path, extra: dict | None = None) -> tuple[str, dict]:
     fields = {
+        **(extra or {}),
         "format": FEATURE_FORMAT,
         "domain": domain,
         "n": len(items),
@@ -191,11 +193,13 @@ def extract_features(items: Sequence[tuple[Path, int]], extractor: FeatureExtrac
 
 
 def cached_features(domain: str, items: Sequence[tuple[Path, int]], extractor: FeatureExtractor,
-                    cache_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+                    cache_dir: str | os.PathLike, extra: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(X, y)`` features of ``items`` by ``extractor``, from the cache or
-    extracted once and cached (see the module docstring)."""
+    extracted once and cached (see the module docstring).  ``extra`` adds
+    fields to the key (the standard datasets add the sha256 of their
+    archives)."""
     cache_dir = Path(cache_dir)
-    key, fields = cache_key(domain, items, extractor, cache_dir.parent)
+    key, fields = cache_key(domain, items, extractor, cache_dir.parent, extra)
     y = np.asarray([lbl for _, lbl in items], dtype=np.int64)
     hit = read_entry(cache_dir, domain, extractor, key, len(items))
     if hit is not None:

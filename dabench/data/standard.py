@@ -100,7 +100,7 @@ import numpy as np
 from dabench import hookimpl
 
 from .core import DataError, DomainSpec
-from .download import require_extracted, require_file, resolve_data_root
+from .download import dataset_fingerprint, require_extracted, require_file, resolve_data_root
 
 log = logging.getLogger("dabench.data")
 
@@ -408,7 +408,9 @@ def _feature_loader(domain: ImageDomain, backbone: str) -> Callable[[Path | None
         from .features import cached_features
 
         items = domain.items(data_root)
-        return cached_features(domain.name, items, get_feature_extractor(backbone), _root(data_root) / "features")
+        extra = {"dataset_sha256": dataset_fingerprint(domain.dataset, data_root)}
+        return cached_features(domain.name, items, get_feature_extractor(backbone), _root(data_root) / "features",
+                               extra)
 
     return load
 
