@@ -3,9 +3,11 @@
     dabench list methods|datasets|suites|validators|plugins [--json]
     dabench run SUITE [--results DIR] [--methods a,b] [--pairs x,y] [--seeds N]
                       [--device auto|cpu|cuda[:i]] [--retry-failed]
-    dabench leaderboard DIR [--format md|csv|json] [--out FILE] [--validator NAME]
+                      [--jobs N] [--executor local|ray [--address ADDR]]
+    dabench leaderboard DIR [--format md|csv|json|html] [--out FILE] [--validator NAME]
     dabench plugin check NAME|PATH      (the conformance kit, dabench.testing)
     dabench plugin new NAME [--dir DIR] (a ready plugin package)
+    dabench data list|download NAME|verify NAME [--data-root DIR]   (see dabench.cli_data)
 
 Every command takes ``--plugins-dir DIR`` (load each ``*.py`` there as a
 plugin).  Exit codes: 0 success, 1 runtime failure, 2 bad input (suite,
@@ -155,7 +157,18 @@ def _split_list(s: str | None) -> list[str] | None:
     return [x.strip() for x in s.split(",") if x.strip()] if s else None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from .executors import ExecutorError, make_executor
     from .leaderboard import write_reports
     from .runner import Runner
     from .store import RunStore, StoreError
@@ -173,6 +186,11 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     except (ValueError, RuntimeError) as e:
         console.error(f"--device: {e}")
         return EXIT_BAD_INPUT
+    try:
+        executor = make_executor(args.executor, device=device, jobs=args.jobs, address=args.address)
+    except ExecutorError as e:
+        console.error(str(e))
+        return EXIT_BAD_INPUT
     results = Path(args.results) if args.results else Path("results") / suite.name
     try:
         store = RunStore(results)
@@ -180,12 +198,31 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         console.error(str(e))
         return EXIT_BAD_INPUT
 
-    state = {"t0": time.perf_counter(), "ran": 0}
+    serial = executor.name == "serial"
+
+    def label(s: Any) -> str:
+        return f"{s.pair.name.replace(':', '→')} · {s.method}{f' #{s.point}' if s.point else ''} · seed {s.seed}"
 
     def on_event(kind: str, **ev: Any) -> None:
         if kind == "start":
             console.info(f"dabench {__version__}: suite {suite.name!r} ({suite.path}) on {device}: "
                          f"{ev['total']} runs, {ev['done']} already in {store.path}, {ev['todo']} to do")
+            if not serial and ev["todo"]:
+                console.info(f"executor: {executor.describe()}")
+        elif not serial:  # runs finish out of order: one line per finished run
+            if kind in ("run_end", "run_lost"):
+                done, todo, el = ev["index"] + 1, ev["todo"], ev["elapsed"]
+                eta = _fmt_time(el / done * (todo - done))
+                if kind == "run_lost":
+                    what = f"LOST: {ev['reason']} (not stored; rerun to compute it)"
+                elif ev["result"].status == "ok":
+                    r = ev["result"]
+                    what = (f"ok: target acc {r.target_acc:.3f}, source acc {r.source_acc:.3f} "
+                            f"({r.wall_time_s:.1f} s on {r.device})")
+                else:
+                    what = f"{ev['result'].status}: {ev['result'].reason}"
+                console.info(f"[{done}/{todo}] {label(ev['spec'])} · {what} · elapsed {_fmt_time(el)} · "
+                             f"remaining ~{eta}")
         elif kind == "run_start":
             s = ev["spec"]
             done, todo, el = ev["index"], ev["todo"], ev["elapsed"]
@@ -195,15 +232,20 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         elif kind == "run_end":
             r = ev["result"]
             if r.status == "ok":
-                console.info(f"      ok: target acc {r.target_acc:.3f}, source acc {r.source_acc:.3f} "
+                src = "n/a" if r.source_acc is None else f"{r.source_acc:.3f}"
+                console.info(f"      ok: target acc {r.target_acc:.3f}, source acc {src} "
                              f"({r.wall_time_s:.1f} s)")
             else:
                 console.info(f"      {r.status}: {r.reason}")
 
     store.set_meta("validator", suite.validator)
-    runner = Runner(reg, store, device=device, data_root=args.data_root, on_event=on_event)
+    runner = Runner(reg, store, device=device, data_root=args.data_root, on_event=on_event,
+                    plugins_dir=args.plugins_dir)
     try:
-        summary = runner.run(suite, retry_failed=args.retry_failed)
+        summary = runner.run(suite, retry_failed=args.retry_failed, executor=executor)
+    except ExecutorError as e:
+        console.error(f"{e}; {store.count()} runs are safely stored in {store.path}")
+        return 1
     except KeyboardInterrupt:
         console.error(f"interrupted; {store.count()} runs are safely stored in {store.path}; "
                       f"rerun the same command to resume")
@@ -214,6 +256,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
                  f"{summary.failed} failed, {summary.skipped} skipped), {summary.already_done} already stored")
     for p in paths.values():
         console.info(f"wrote {p}")
+    if summary.lost:
+        console.warn(f"{summary.lost} runs were lost with their worker and are not stored; "
+                     f"rerun the same command to compute them")
     if summary.failed:
         console.warn(f"{summary.failed} runs failed; their reasons are in the leaderboard; "
                      f"`--retry-failed` reruns them")
@@ -224,7 +269,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace, console: Console) -> int:
-    from .leaderboard import LeaderboardError, build_leaderboard, to_csv, to_json, to_markdown
+    from .leaderboard import LeaderboardError, build_leaderboard, render
     from .store import RunStore, StoreError
 
     try:
@@ -238,7 +283,11 @@ def cmd_leaderboard(args: argparse.Namespace, console: Console) -> int:
     except LeaderboardError as e:
         console.error(str(e))
         return EXIT_BAD_INPUT
-    text = {"md": to_markdown, "csv": to_csv, "json": to_json}[args.format](board)
+    try:
+        text = render(board, args.format)
+    except LeaderboardError as e:
+        console.error(str(e))
+        return EXIT_BAD_INPUT
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
         console.info(f"wrote {args.out}")
@@ -273,11 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:i (default: auto)")
     run.add_argument("--data-root", metavar="DIR", help="where downloadable datasets live")
     run.add_argument("--retry-failed", action="store_true", help="rerun runs stored as failed")
+    run.add_argument("--jobs", type=_positive_int, metavar="N",
+                     help="runs computed in parallel: N worker processes (local), at most N runs in flight (ray); "
+                          "default 1 on CPU, one worker per visible GPU with --device cuda")
+    run.add_argument("--executor", choices=["local", "ray"], default="local",
+                     help="local (serial or --jobs N processes) or ray (each run a Ray task; pip install dabench[ray])")
+    run.add_argument("--address", metavar="ADDR",
+                     help="Ray cluster address for --executor ray (default: start a local Ray instance)")
     run.set_defaults(func=cmd_run)
 
     lb = sub.add_parser("leaderboard", parents=[common], help="render the leaderboard of a results folder")
     lb.add_argument("dir", metavar="DIR", help="a results folder holding runs.sqlite")
-    lb.add_argument("--format", choices=["md", "csv", "json"], default="md")
+    lb.add_argument("--format", choices=["md", "csv", "json", "html"], default="md",
+                    help="md, csv, json (every number and flag) or html (self-contained page with plots)")
     lb.add_argument("--out", metavar="FILE", help="write to FILE instead of stdout")
     lb.add_argument("--validator", help="validator for hyperparameter selection (default: the suite's)")
     lb.add_argument("--suite", help="which suite, when the store holds several")
@@ -286,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_plugin import add_parser as add_plugin_parser
 
     add_plugin_parser(sub, common)
+    from .cli_data import add_parser as add_data_parser
+
+    add_data_parser(sub, [common])
     return p
 
 

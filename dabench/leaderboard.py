@@ -20,8 +20,13 @@ Rules (see DESIGN.md, "Leaderboards and negative transfer"):
   score (``val_<validator>``) over its ok seeds is selected, ties to the lowest
   point index.  Target labels are never used for selection.
 - Per cell: target accuracy mean and sample std (ddof=1) over ok seeds of the
-  selected point; the gap to the reference method (source-only) as the mean
-  of per-seed differences over the seeds both have ok; source accuracy and
+  selected point; the gap to the pair's reference (source-only; target-only-k
+  where the protocol gives labelled target samples or native feature spaces)
+  as the mean of per-seed differences over the seeds both have ok, with a
+  paired t-test over seeds, Holm-corrected over each method's pairs, and a
+  verdict (negative transfer / n.s. / better); a label-free warning score and
+  how well it predicts that verdict; an oracle-selection table (upper bound)
+  and each validator's selection gap; source accuracy and
   forgetting (method source accuracy minus source-only source accuracy,
   paired by seed: negative means source accuracy was lost).
 - Ranks per pair over ranked methods (not reference rows such as
@@ -46,14 +51,16 @@ __all__ = [
     "build_leaderboard",
     "compute_leaderboard",
     "pair_label",
+    "render",
     "to_csv",
     "to_json",
+    "to_html",
     "to_markdown",
     "write_reports",
 ]
 
 #: Version of the JSON layout written by :func:`to_json`.
-JSON_FORMAT_VERSION = 1
+JSON_FORMAT_VERSION = 2
 
 #: Columns a run row must have.
 _REQUIRED = ("pair", "method", "point", "seed", "status", "params")
@@ -84,7 +91,16 @@ class Leaderboard:
       n_failed, n_skipped, target_acc_mean, target_acc_std, target_f1_mean,
       source_acc_mean, gap_mean, gap_std, gap_n, forgetting_mean,
       forgetting_n, rank, wall_time_s_mean, peak_mem_mb_mean, protocol,
-      budget``.
+      budget``, then the negative-transfer columns ``nt_reference`` (the
+      pair's reference: source-only, or target-only-k with labelled target
+      samples or native feature spaces; ``gap_*`` are against it), ``nt_n``,
+      ``nt_t``, ``nt_p``, ``nt_p_holm``, ``nt_flag`` (``negative transfer``,
+      ``n.s.``, ``better`` or ``n/a``) and the label-free warning's scores
+      ``warn_*`` and ``warn_flag``.
+    - ``selection``: per (method, pair, validator) with several points, the
+      validator's and the oracle's choice and the selection gap.
+    - ``nt_test`` and ``warning_eval``: the test's settings (and a power
+      warning), and the warning's precision, recall and AUROC.
     - ``methods``: one row per method in display order (ranked methods by
       average rank, then reference rows), with ``mean_acc`` (over the pairs
       with a result), ``complete`` (a result on every pair), ``avg_rank``,
@@ -109,6 +125,13 @@ class Leaderboard:
     runs: pd.DataFrame = field(repr=False)
     issues: pd.DataFrame = field(repr=False)
     superseded_runs: int = 0
+    #: per (method, pair, validator): the point each validator picks and the
+    #: oracle's (best mean target accuracy; an upper bound), and the gap
+    selection: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
+    #: the negative-transfer test: name, alpha, correction, seeds, warnings
+    nt_test: Mapping[str, Any] = field(default_factory=dict)
+    #: how well the label-free warning predicts the labelled verdict
+    warning_eval: Mapping[str, Any] = field(default_factory=dict)
 
     def cell(self, method: str, pair: str) -> dict[str, Any]:
         """The cell of ``method`` on ``pair`` as a dict (KeyError when absent)."""
@@ -239,6 +262,292 @@ def _supersede(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     return kept, len(df) - len(kept)
 
 
+# ---------------------------------------------------------------- negative transfer
+
+#: The reference on pairs that give the method target labels (k_target > 0)
+#: or native (heterogeneous) feature spaces: a model trained on the k
+#: labelled target samples alone.
+FEWSHOT_REFERENCE = "target-only-k"
+#: Significance level of the negative-transfer test (after Holm's correction).
+NT_ALPHA = 0.05
+#: Fewer paired seeds than this and the report warns that the test has little power.
+NT_MIN_SEEDS_FOR_POWER = 5
+#: The label-free warning fires when its score exceeds this.
+WARN_THRESHOLD = 0.05
+#: The label-free warning's score (see :func:`_negative_transfer`).
+WARN_SCORE = "warn_prior_drift_beyond_noise"
+
+NT_FLAGS = ("negative transfer", "n.s.", "better")
+
+
+def _pair_reference(protocol: Any, default: str) -> str:
+    """``target-only-k`` where the protocol gives labelled target data or
+    native feature spaces, else ``default`` (source-only)."""
+    obj = _json_obj(protocol)
+    if isinstance(obj, dict):
+        try:
+            k = int(obj.get("k_target") or 0)
+        except (TypeError, ValueError):
+            k = 0
+        if k > 0 or obj.get("feature_space") == "native":
+            return FEWSHOT_REFERENCE
+    return default
+
+
+def paired_t_test(diffs: Sequence[float]) -> tuple[float, float]:
+    """Two-sided paired t-test of ``mean(diffs) = 0``: ``(t, p)``.
+
+    With zero spread the statistic is undefined (``t`` is NaN): identical
+    non-zero differences in every seed give ``p = 0``, all-zero ones ``p = 1``.
+    """
+    from scipy import stats
+
+    d = np.asarray(diffs, dtype=np.float64)
+    n = len(d)
+    if n < 2:
+        return math.nan, math.nan
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    if sd <= 1e-12 * max(1.0, abs(mean)):
+        return (math.nan, 0.0) if abs(mean) > 1e-12 else (math.nan, 1.0)
+    t = mean / (sd / math.sqrt(n))
+    return t, float(2 * stats.t.sf(abs(t), df=n - 1))
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (NaN stays NaN and is not counted)."""
+    p = [float(x) for x in pvalues]
+    idx = [i for i, x in enumerate(p) if not math.isnan(x)]
+    m = len(idx)
+    out = [math.nan] * len(p)
+    running = 0.0
+    for rank, i in enumerate(sorted(idx, key=lambda i: p[i])):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def _prior(row: Mapping[str, Any], kind: str) -> np.ndarray | None:
+    # a frame of several pairs has x_prior_* columns for the largest class count: NaN beyond this pair's
+    keys = sorted((k for k in row if k.startswith(f"x_prior_{kind}_") and not _isnan(row[k])),
+                  key=lambda k: int(k.rsplit("_", 1)[1]))
+    if not keys or [int(k.rsplit("_", 1)[1]) for k in keys] != list(range(len(keys))):
+        return None
+    return np.asarray([row[k] for k in keys], dtype=np.float64)
+
+
+def _preds(row: Mapping[str, Any]) -> np.ndarray | None:
+    text = row.get("x_target_pred")
+    if not isinstance(text, str) or not text:
+        return None
+    return np.asarray([int(c) for c in text.split(",")])
+
+
+def _warning_scores(mine: Mapping[str, Any], ref: Mapping[str, Any], validators: Sequence[str]) -> dict[str, float]:
+    """Label-free scores of one seed's method run against the reference run
+    (higher = more likely negative transfer)."""
+    out: dict[str, float] = {}
+    pm, pr, q = _prior(mine, "pred"), _prior(ref, "pred"), _prior(ref, "bbse")
+    if pm is not None and pr is not None and q is not None and len(pm) == len(pr) == len(q):
+        # how much further the method's predicted target class prior is from the
+        # reference model's label-shift (BBSE) estimate than the reference's own
+        out["warn_prior_drift"] = 0.5 * float(np.abs(pm - q).sum() - np.abs(pr - q).sum())
+    a, b = _preds(mine), _preds(ref)
+    if a is not None and b is not None and len(a) == len(b) and len(a):
+        out["warn_disagreement"] = float((a != b).mean())
+    for v in validators:
+        x, y = mine.get(f"val_{v}"), ref.get(f"val_{v}")
+        if not _isnan(x) and not _isnan(y):
+            out[f"warn_val_{v}"] = float(y) - float(x)  # the validator got worse
+    return out
+
+
+def _prior_spread(runs: Sequence[Mapping[str, Any]]) -> float:
+    """Mean pairwise total variation between the predicted target priors of
+    ``runs`` (one per seed); 0 with fewer than two."""
+    priors = [p for p in (_prior(r, "pred") for r in runs) if p is not None]
+    tv = [0.5 * float(np.abs(a - b).sum()) for i, a in enumerate(priors) for b in priors[i + 1:] if len(a) == len(b)]
+    return float(np.mean(tv)) if tv else 0.0
+
+
+def _negative_transfer(
+    cells: pd.DataFrame, ok_runs: pd.DataFrame, pair_ref: Mapping[str, str],
+    reference: Mapping[str, bool], validators: Sequence[str],
+) -> pd.DataFrame:
+    """Add the labelled negative-transfer verdict and the label-free warning
+    to every (method, pair) cell.
+
+    Verdict: the per-seed target-accuracy differences to the pair's
+    reference run of the same seed, a two-sided paired t-test, Holm's
+    correction over the pairs tested for each method, ``NT_ALPHA``; flag
+    ``negative transfer`` (significantly worse), ``better`` (significantly
+    better) or ``n.s.``; ``n/a`` for the reference itself, reference rows
+    (target-supervised), and cells with fewer than 2 paired seeds.
+
+    Warning (no target labels): per seed, the method's mean predicted target
+    class distribution is compared with the reference model's BBSE estimate
+    of the target class prior (from source-validation confusions and target
+    predictions); the score is how much further (total variation) the
+    method's predictions are from that estimate than the reference's own
+    predictions, averaged over seeds, minus the reference's seed-to-seed
+    spread of its predicted prior (where the reference itself is unstable,
+    e.g. extrapolating under covariate shift, its estimate is not trusted;
+    ``warn_prior_drift_beyond_noise``).  Marginal alignment under a class-prior
+    change pulls the predicted target prior towards the source prior
+    (Zhao et al., ICML 2019), which this score sees.  Other label-free scores
+    (prediction disagreement with the reference, drops of each validator)
+    are kept as ``warn_*`` columns so the report can compare them.
+    """
+    by_run = {(r["pair"], r["method"], int(r["seed"])): r for r in ok_runs.to_dict("records")}
+    cols: dict[str, list[Any]] = {k: [] for k in ("nt_n", "nt_t", "nt_p", "nt_flag")}
+    warn_rows: list[dict[str, float]] = []
+    for r in cells.to_dict("records"):
+        ref = pair_ref[r["pair"]]
+        testable = r["status"] == "ok" and r["method"] != ref and not reference.get(r["method"], False)
+        diffs, seed_scores = [], []
+        if testable:
+            for (pair, m, seed), run in by_run.items():
+                if pair != r["pair"] or m != r["method"]:
+                    continue
+                base = by_run.get((pair, ref, seed))
+                if base is None:
+                    continue
+                if not _isnan(run["target_acc"]) and not _isnan(base["target_acc"]):
+                    diffs.append(float(run["target_acc"]) - float(base["target_acc"]))
+                seed_scores.append(_warning_scores(run, base, validators))
+        t, pval = paired_t_test(diffs) if testable else (math.nan, math.nan)
+        cols["nt_n"].append(len(diffs))
+        cols["nt_t"].append(t)
+        cols["nt_p"].append(pval)
+        cols["nt_flag"].append("n/a")
+        names = sorted({k for d in seed_scores for k in d})
+        w = {k: float(np.mean([d[k] for d in seed_scores if k in d])) for k in names}
+        if "warn_prior_drift" in w:
+            # the same drift, less the reference's own seed-to-seed spread of its predicted target prior
+            # (mean pairwise total variation): drift within the reference's noise is not evidence
+            w["warn_prior_drift_beyond_noise"] = w["warn_prior_drift"] - _prior_spread(
+                [run for (pair, m, _), run in by_run.items() if pair == r["pair"] and m == ref])
+        warn_rows.append(w)
+    out = cells.assign(**cols)
+    out["nt_p_holm"] = math.nan
+    for m, idx in out.groupby("method").groups.items():
+        adj = holm(out.loc[idx, "nt_p"].tolist())
+        out.loc[idx, "nt_p_holm"] = adj
+    flags = []
+    for r in out.to_dict("records"):
+        if _isnan(r["nt_p_holm"]):
+            flags.append("n/a")
+        elif r["nt_p_holm"] < NT_ALPHA and r["gap_mean"] < 0:
+            flags.append("negative transfer")
+        elif r["nt_p_holm"] < NT_ALPHA and r["gap_mean"] > 0:
+            flags.append("better")
+        else:
+            flags.append("n.s.")
+    out["nt_flag"] = flags
+    warn = pd.DataFrame(warn_rows, index=out.index)
+    for c in ["warn_prior_drift", "warn_prior_drift_beyond_noise", "warn_disagreement",
+              *[f"warn_val_{v}" for v in validators]]:
+        out[c] = warn[c] if c in warn.columns else math.nan
+    out["warn_flag"] = [
+        (bool(s > WARN_THRESHOLD) if not _isnan(s) else None) for s in out[WARN_SCORE]
+    ]
+    return out
+
+
+def _nt_test_info(cells: pd.DataFrame, seeds: Sequence[int]) -> dict[str, Any]:
+    """What the report prints about the test, with a warning when it has little power."""
+    from scipy import stats
+
+    tested = cells[cells["nt_flag"] != "n/a"]
+    n = int(tested["nt_n"].min()) if len(tested) else 0
+    per_method = tested.groupby("method").size()
+    m = int(per_method.max()) if len(per_method) else 0
+    info: dict[str, Any] = {
+        "test": "two-sided paired t-test over seeds (method vs the pair's reference, same seed)",
+        "correction": "Holm-Bonferroni over the pairs tested for each method",
+        "alpha": NT_ALPHA,
+        "n_seeds": len(seeds),
+        "min_paired_seeds": n,
+        "max_pairs_per_method": m,
+        "n_cells_tested": int(len(tested)),
+        "reference_rule": f"{FEWSHOT_REFERENCE} on pairs with k_target > 0 or native feature spaces, "
+                          f"else the baseline",
+        "power_warning": None,
+    }
+    if len(tested) and n < NT_MIN_SEEDS_FOR_POWER:
+        crit = float(stats.t.isf(NT_ALPHA / max(m, 1) / 2, df=max(n - 1, 1))) if n >= 2 else math.inf
+        info["power_warning"] = (
+            f"only {n} paired seeds: the t-test has {max(n - 1, 0)} degrees of freedom, so after Holm over "
+            f"{m} pairs the strongest cell needs |t| > {crit:.1f} to be significant; only large, consistent "
+            f"effects are detected and 'n.s.' does not mean 'no effect' (a Wilcoxon signed-rank test cannot "
+            f"go below p = {2 / 2 ** max(n, 1):.2f} with {n} seeds and is not used); run more seeds"
+        )
+    return info
+
+
+def _evaluate_warning(cells: pd.DataFrame) -> dict[str, Any]:
+    """Precision, recall and AUROC of the label-free warning against the
+    labelled verdict (positive: ``negative transfer``), over the tested cells
+    that have a warning score; the same AUROC for every candidate score."""
+    tested = cells[cells["nt_flag"].isin(NT_FLAGS)]
+    out: dict[str, Any] = {"score": WARN_SCORE, "threshold": WARN_THRESHOLD}
+    have = tested[tested[WARN_SCORE].notna()]
+    y = (have["nt_flag"] == "negative transfer").to_numpy()
+    warned = np.array([bool(v) for v in have["warn_flag"]], dtype=bool)
+    out.update({
+        "n_cells": int(len(have)), "n_negative_transfer": int(y.sum()), "n_warned": int(warned.sum()),
+        "true_positives": int((y & warned).sum()),
+        "precision": float((y & warned).sum() / warned.sum()) if warned.sum() else math.nan,
+        "recall": float((y & warned).sum() / y.sum()) if y.sum() else math.nan,
+        "auroc": _auroc(y, have[WARN_SCORE].to_numpy()),
+    })
+    candidates = {}
+    for c in sorted(c for c in cells.columns if c.startswith("warn_") and c != "warn_flag"):
+        sub = tested[tested[c].notna()]
+        candidates[c] = _auroc((sub["nt_flag"] == "negative transfer").to_numpy(), sub[c].to_numpy())
+    out["candidate_auroc"] = candidates
+    return out
+
+
+def _auroc(y: np.ndarray, score: np.ndarray) -> float:
+    """sklearn's ROC AUC; NaN unless both outcomes occur."""
+    if len(y) == 0 or y.all() or not y.any():
+        return math.nan
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y.astype(int), score.astype(float)))
+
+
+def _selection(points: pd.DataFrame, df: pd.DataFrame, validators: Sequence[str], main: str | None) -> pd.DataFrame:
+    """Per (method, pair) with several points: the oracle's point (highest
+    mean target accuracy, ties to the lowest point: an upper bound that uses
+    target labels) and, for each stored validator, its point and the
+    selection gap (oracle-selected minus validator-selected accuracy)."""
+    rows = []
+    for (col, m), g in points.groupby(["pair", "method"], sort=True):
+        g = g[g["n_ok"] > 0].sort_values("point")
+        if len(g) < 2 or g["target_acc_mean"].isna().all():
+            continue
+        best = g["target_acc_mean"].max()
+        o = g[g["target_acc_mean"] == best].iloc[0]
+        for v in validators:
+            scored = g[g[f"val_mean_{v}"].notna()]
+            if scored.empty:
+                continue
+            top = scored[f"val_mean_{v}"].max()
+            s = scored[scored[f"val_mean_{v}"] == top].iloc[0]
+            rows.append({
+                "method": m, "pair": col, "pair_label": pair_label(col), "validator": v,
+                "main_validator": v == main, "n_points": len(g),
+                "point": int(s["point"]), "target_acc_mean": float(s["target_acc_mean"]),
+                "oracle_point": int(o["point"]), "oracle_acc_mean": float(o["target_acc_mean"]),
+                "oracle_acc_std": float(o["target_acc_std"]),
+                "selection_gap": float(o["target_acc_mean"] - s["target_acc_mean"]),
+            })
+    cols = ["method", "pair", "pair_label", "validator", "main_validator", "n_points", "point", "target_acc_mean",
+            "oracle_point", "oracle_acc_mean", "oracle_acc_std", "selection_gap"]
+    return pd.DataFrame(rows, columns=cols)
+
+
 # ---------------------------------------------------------------- compute
 
 
@@ -297,6 +606,8 @@ def compute_leaderboard(
             "n_skipped": int((g["status"] == "skipped").sum()),
             "selection_score": _mean(ok[val_col]) if val_col and val_col in ok.columns else math.nan,
             "target_acc_mean": _mean(ok["target_acc"]),
+            "target_acc_std": _std(ok["target_acc"]),
+            **{f"val_mean_{v}": _mean(ok[f"val_{v}"]) for v in available},
         })
     points = pd.DataFrame(point_rows)
 
@@ -342,6 +653,7 @@ def compute_leaderboard(
         r = ok_runs[(ok_runs["column"] == col) & (ok_runs["method"] == m)]
         return r.set_index("seed")[metric].dropna().sort_index()
 
+    pair_ref = {c: _pair_reference(pair_first[c]["protocol"], reference_method) for c in columns}
     family = df.groupby("method")["family"].agg(lambda s: next((str(v) for v in s if not _isnan(v)), ""))
 
     cell_rows = []
@@ -375,8 +687,10 @@ def compute_leaderboard(
                 "target_acc_mean": _mean(ok["target_acc"]), "target_acc_std": _std(ok["target_acc"]),
                 "target_f1_mean": _mean(ok["target_f1"]), "source_acc_mean": _mean(ok["source_acc"]),
             })
+            row["nt_reference"] = pair_ref[col]
             for name, metric in (("gap", "target_acc"), ("forgetting", "source_acc")):
-                mine, base = per_seed(col, m, metric), per_seed(col, reference_method, metric)
+                ref_m = pair_ref[col] if name == "gap" else reference_method
+                mine, base = per_seed(col, m, metric), per_seed(col, ref_m, metric)
                 common = mine.index.intersection(base.index)
                 diff = mine.loc[common] - base.loc[common]
                 row[f"{name}_mean"] = float(diff.mean()) if len(diff) else math.nan
@@ -396,7 +710,8 @@ def compute_leaderboard(
              "params", "n_points", "selection_score", "n_seeds_ok", "n_failed", "n_skipped", "target_acc_mean",
              "target_acc_std", "target_f1_mean", "source_acc_mean", "gap_mean", "gap_std", "gap_n",
              "forgetting_mean", "forgetting_n", "rank", "wall_time_s_mean", "peak_mem_mb_mean", "protocol", "budget"]
-    cells = cells[order]
+    cells = cells[order + ["nt_reference"]]
+    cells = _negative_transfer(cells, ok_runs, pair_ref, reference, available)
 
     # ---- ranks per pair among ranked methods with a result
     has = (cells["status"] == "ok") & cells["ranked"] & cells["target_acc_mean"].notna()
@@ -467,6 +782,9 @@ def compute_leaderboard(
         runs=runs_out,
         issues=issues,
         superseded_runs=int(superseded),
+        selection=_selection(points, df, available, validator),
+        nt_test=_nt_test_info(cells, seeds),
+        warning_eval=_evaluate_warning(cells),
     )
 
 
@@ -537,6 +855,138 @@ def _seed_list(seeds: Iterable[Any]) -> str:
     return ", ".join(str(int(s)) for s in seeds)
 
 
+def _reference_phrase(board: Leaderboard) -> str:
+    refs = sorted(set(board.cells["nt_reference"])) if "nt_reference" in board.cells else [board.reference_method]
+    if refs == [board.reference_method]:
+        return f"`{board.reference_method}`"
+    return (f"`{board.reference_method}`; `{FEWSHOT_REFERENCE}` on pairs with labelled target samples or "
+            f"native feature spaces")
+
+
+def _p(x: Any) -> str:
+    if _isnan(x):
+        return "—"
+    x = float(x)
+    return "<0.001" if x < 0.001 else f"{x:.3f}"
+
+
+def _md_negative_transfer(board: Leaderboard) -> list[str]:
+    info = board.nt_test
+    if not info:
+        return []
+    out = ["", "## Negative transfer", ""]
+    out.append(
+        f"Test: {info['test']}; {info['correction']}; significance level {info['alpha']} after correction. "
+        f"Seeds: {info['n_seeds']} (at least {info['min_paired_seeds']} paired per tested cell); "
+        f"{info['n_cells_tested']} cells tested. Reference: {info['reference_rule']}. "
+        f"Cells: gap to the reference in percentage points, Holm-adjusted p, verdict "
+        f"(**negative transfer**: significantly worse; better: significantly better; n.s.: not significant)."
+    )
+    if info.get("power_warning"):
+        out += ["", f"**Warning**: {info['power_warning']}."]
+    out.append("")
+    rows = []
+    for mrow in board.methods.to_dict("records"):
+        m = mrow["method"]
+        cells = [board.cell(m, col) for col in board.pairs]
+        if all(c["nt_flag"] == "n/a" for c in cells):
+            continue
+        line = [m]
+        for c in cells:
+            if c["nt_flag"] == "n/a":
+                line.append("—")
+                continue
+            verdict = "**negative transfer**" if c["nt_flag"] == "negative transfer" else c["nt_flag"]
+            pv = _p(c["nt_p_holm"])
+            line.append(f"{_signed_pct(c['gap_mean'])} (p{pv if pv.startswith('<') else '=' + pv}) {verdict}")
+        rows.append(line)
+    if rows:
+        out += _md_table(["Method", *board.pair_labels], rows, [False] * (1 + len(board.pairs)))
+    else:
+        out.append("No cell could be tested (each needs a method and its reference ok on at least 2 seeds).")
+    return out
+
+
+def _md_warning(board: Leaderboard) -> list[str]:
+    ev = board.warning_eval
+    if not ev:
+        return []
+    out = ["", "## Label-free negative-transfer warning", ""]
+    out.append(
+        "Computed without target labels, per seed against the reference run of the same seed, then averaged: "
+        "how much further (total variation) the method's predicted target class distribution lies from the "
+        "reference model's label-shift estimate of the target class prior (BBSE: Lipton et al., ICML 2018; "
+        "from source-validation confusions and target predictions) than the reference's own predictions, "
+        "less the reference's own seed-to-seed spread of its predicted target prior (mean pairwise total "
+        "variation), so that drift within the reference's noise is not counted. "
+        f"Marginal alignment under a class-prior change drags predictions towards the source prior (Zhao et al., "
+        f"ICML 2019). The warning fires when the score exceeds {ev['threshold']}."
+    )
+    out.append("")
+    rows = []
+    for r in board.cells.to_dict("records"):
+        if r["nt_flag"] not in NT_FLAGS or _isnan(r.get(WARN_SCORE)):
+            continue
+        rows.append([r["method"], r["pair_label"], _num(r[WARN_SCORE], "+.3f"),
+                     "warning" if r["warn_flag"] else "—", r["nt_flag"]])
+    if rows:
+        out += _md_table(["Method", "Pair", "Score", "Warning", "Labelled verdict"], rows,
+                         [False, False, True, False, False])
+    else:
+        out.append("No cell has the statistics the warning needs (runs stored before they were recorded).")
+        return out
+    out += [
+        "",
+        f"How well it predicts the labelled verdict over {ev['n_cells']} tested cells "
+        f"({ev['n_negative_transfer']} with negative transfer, {ev['n_warned']} warned): "
+        f"precision {_num(ev['precision'], '.2f')}, recall {_num(ev['recall'], '.2f')}, "
+        f"AUROC {_num(ev['auroc'], '.2f')}"
+        + (" (AUROC needs cells of both kinds)." if _isnan(ev["auroc"]) else "."),
+    ]
+    cand = {k: v for k, v in ev.get("candidate_auroc", {}).items()}
+    if cand:
+        out += ["", "AUROC of other label-free scores tried (higher score = more suspicious): " + "; ".join(
+            f"`{k}` {_num(v, '.2f')}" for k, v in cand.items()) + "."]
+    return out
+
+
+def _md_selection(board: Leaderboard) -> list[str]:
+    sel = board.selection
+    if sel is None or sel.empty:
+        return []
+    out = ["", "## Oracle selection (upper bound: uses target labels)", ""]
+    out.append(
+        "For each method and pair with several hyperparameter points, the point with the best mean target "
+        "accuracy. No real deployment can choose this way; it bounds what any validator could reach."
+    )
+    out.append("")
+    first = sel.drop_duplicates(["method", "pair"])
+    rows = []
+    for m, g in first.groupby("method", sort=False):
+        line = [m]
+        by = {r["pair"]: r for r in g.to_dict("records")}
+        for col in board.pairs:
+            r = by.get(col)
+            line.append("—" if r is None else
+                        f"{_pct(r['oracle_acc_mean'])} ± {_pct(r['oracle_acc_std'])} [point {r['oracle_point']}]")
+        rows.append(line)
+    out += _md_table(["Method", *board.pair_labels], rows, [False] * (1 + len(board.pairs)))
+    out += ["", "### Selection gap per validator", "",
+            "Oracle-selected minus validator-selected target accuracy in percentage points, mean over the pairs "
+            "with several points (0 = the validator found the best point); "
+            + (f"`{board.validator}` chose the main table's points." if board.validator else ""), ""]
+    validators = sorted(set(sel["validator"]))
+    rows = []
+    for m, g in sel.groupby("method", sort=True):
+        rows.append([m] + [_num(100 * g[g["validator"] == v]["selection_gap"].mean(), ".1f")
+                           if (g["validator"] == v).any() else "—" for v in validators])
+    g = sel.groupby("validator")["selection_gap"].mean()
+    rows.append(["all methods"] + [_num(100 * g.get(v, math.nan), ".1f") for v in validators])
+    heads = [f"{v} (main)" if v == board.validator else v for v in validators]
+    out += _md_table(["Method", *heads], rows, [False] + [True] * len(validators))
+    return out
+
+
 def to_markdown(board: Leaderboard) -> str:
     """The report as Markdown: the main table, selected hyperparameters,
     source accuracy/forgetting, cost per run, and failed/skipped runs."""
@@ -562,8 +1012,9 @@ def to_markdown(board: Leaderboard) -> str:
         )
     out += [
         "",
-        f"Cells: target accuracy (%) as mean ± sample std over seeds; in parentheses the gap to "
-        f"`{board.reference_method}` in percentage points, averaged over the seeds both have ok. "
+        f"Cells: target accuracy (%) as mean ± sample std over seeds; in parentheses the gap to the pair's "
+        f"reference ({_reference_phrase(board)}) in percentage points, averaged over the seeds both have ok; "
+        f"**NT**: significant negative transfer, see below. "
         f"Mean: over pairs. Avg rank: over pairs, 1 = best, ties share the average rank; "
         f"reference rows use target labels and are not ranked.",
         "",
@@ -582,6 +1033,8 @@ def to_markdown(board: Leaderboard) -> str:
                 s = f"{_pct(c['target_acc_mean'])} ± {_pct(c['target_acc_std'])}"
                 if not _isnan(c["gap_mean"]):
                     s += f" ({_signed_pct(c['gap_mean'])})"
+                if c.get("nt_flag") == "negative transfer":
+                    s += " **NT**"
                 if int(c["n_seeds_ok"]) < n_max:
                     s += f" [n={int(c['n_seeds_ok'])}]"
             elif c["status"] == "skipped":
@@ -645,6 +1098,10 @@ def to_markdown(board: Leaderboard) -> str:
         rows.append(line)
     out += _md_table(["Method", *board.pair_labels], rows, [False] * (1 + len(board.pairs)))
 
+    out += _md_negative_transfer(board)
+    out += _md_warning(board)
+    out += _md_selection(board)
+
     out += ["", "## Cost per run", "", "Mean over ok runs of every hyperparameter point.", ""]
     rows = [
         [_method_label(board, r), str(int(r["n_ok"])), _num(r["wall_time_s_mean"], ".2f"),
@@ -688,6 +1145,14 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def _plain_tree(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return {str(k): _plain_tree(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain_tree(x) for x in v]
+    return _plain(v)
+
+
 def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
     return [{k: _plain(v) for k, v in r.items()} for r in df.to_dict("records")]
 
@@ -709,11 +1174,30 @@ def to_json(board: Leaderboard) -> str:
         "cells": _records(board.cells),
         "points": _records(board.points),
         "issues": _records(board.issues),
+        "selection": _records(board.selection) if board.selection is not None else [],
+        "negative_transfer_test": _plain_tree(board.nt_test),
+        "warning_evaluation": _plain_tree(board.warning_eval),
     }
     return json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
-_RENDERERS = {"md": to_markdown, "csv": to_csv, "json": to_json}
+def to_html(board: Leaderboard) -> str:
+    """The self-contained HTML page (see :mod:`dabench.report_html`; needs matplotlib)."""
+    from .report_html import to_html as render
+
+    return render(board)
+
+
+_RENDERERS = {"md": to_markdown, "csv": to_csv, "json": to_json, "html": to_html}
+#: The report formats :func:`write_reports` and ``dabench leaderboard --format`` know.
+FORMATS = tuple(_RENDERERS)
+
+
+def render(board: Leaderboard, fmt: str) -> str:
+    """The board in one of :data:`FORMATS`."""
+    if fmt not in _RENDERERS:
+        raise LeaderboardError(f"unknown report format {fmt!r}; choose from {list(FORMATS)}")
+    return _RENDERERS[fmt](board)
 
 
 def write_reports(
@@ -727,7 +1211,7 @@ def write_reports(
     suite: str | None = None,
 ) -> dict[str, Path]:
     """Write ``leaderboard.<fmt>`` for each of ``formats`` (``md``, ``csv``,
-    ``json``) into ``out_dir``; return ``{fmt: path}``."""
+    ``json``, ``html``) into ``out_dir``; return ``{fmt: path}``."""
     unknown = [f for f in formats if f not in _RENDERERS]
     if unknown:
         raise LeaderboardError(f"unknown report format(s) {unknown}; choose from {sorted(_RENDERERS)}")

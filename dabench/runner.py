@@ -7,6 +7,10 @@ every validator, and writes one row to the store in one transaction.  A
 method that raises, or whose loss diverges, is stored as ``failed`` with the
 reason; the sweep goes on.  ``KeyboardInterrupt`` stops the sweep between
 stores, never inside one.
+
+Where runs are computed is the executor's business (:mod:`dabench.executors`:
+serial, a process pool, Ray); whatever the executor, only this driver writes
+the store.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from . import __version__
 from .contract import Task
 from .data.core import DomainSpec, PairSplit, check_domain_arrays, make_split
 from .plugins import Registry
-from .store import RunStore, canonical_json
+from .store import RunScores, RunStore, canonical_json
 from .suite import RunSpec, Suite
 
 log = logging.getLogger("dabench")
@@ -46,6 +50,7 @@ class RunResult:
     scores: dict[str, float | None] = field(default_factory=dict)
     wall_time_s: float = 0.0
     peak_mem_mb: float | None = None
+    device: str | None = None  # where it ran (None: the runner's device)
 
 
 @dataclass
@@ -56,6 +61,7 @@ class Summary:
     ok: int = 0
     failed: int = 0
     skipped: int = 0
+    lost: int = 0  # runs whose worker died: not stored, a rerun computes them
     wall_time_s: float = 0.0
 
 
@@ -112,16 +118,66 @@ def macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
     return float(f1_score(y, pred, labels=list(range(n_classes)), average="macro", zero_division=0))
 
 
-def evaluate(predictor: Any, split: PairSplit, task: Task, validators: dict[str, Any]) -> tuple[dict, dict]:
+#: How many target-train points' predicted classes are stored per run (in
+#: order, so runs of one pair and seed can be compared point by point).
+N_STORED_PREDICTIONS = 500
+
+
+def bbse_prior(source_proba: np.ndarray, source_y: np.ndarray, target_proba: np.ndarray) -> np.ndarray:
+    """Target class prior estimated without target labels (black-box shift
+    estimation, Lipton, Wang, Smola, ICML 2018, with soft confusions).
+
+    ``C[i, j] = mean over labelled source points of p(yhat = i | x) 1[y = j]``
+    and ``mu[i] = mean over target points of p(yhat = i | x)``; under label
+    shift ``mu = C w`` with ``w_j = q(y = j) / p(y = j)``.  ``w`` is solved by
+    least squares, clipped at 0, and ``q = w p`` normalised.
+    """
+    k = source_proba.shape[1]
+    onehot = np.eye(k)[np.asarray(source_y, dtype=np.int64)]
+    C = source_proba.T @ onehot / len(source_y)
+    mu = target_proba.mean(0)
+    w = np.clip(np.linalg.lstsq(C, mu, rcond=None)[0], 0.0, None)
+    q = w * onehot.mean(0)
+    return q / q.sum() if q.sum() > 0 else np.full(k, 1.0 / k)
+
+
+def label_free_extras(predictor: Any, task: Task, n_classes: int) -> dict[str, float | str]:
+    """Per-run statistics computed without target labels, for the
+    leaderboard's negative-transfer warning: the mean predicted target class
+    distribution (``prior_pred_<c>``), its BBSE estimate (``prior_bbse_<c>``)
+    and the predicted classes of the first target-train points
+    (``target_pred``, comma separated)."""
+    pt = _checked_proba(predictor, task.target_train.X, "target", n_classes)
+    pv = _checked_proba(predictor, task.source_val.X, "source", n_classes)
+    extras: dict[str, float | str] = {}
+    for c, v in enumerate(pt.mean(0)):
+        extras[f"prior_pred_{c}"] = float(v)
+    for c, v in enumerate(bbse_prior(pv, task.source_val.y, pt)):
+        extras[f"prior_bbse_{c}"] = float(v)
+    extras["target_pred"] = ",".join(str(int(c)) for c in pt[:N_STORED_PREDICTIONS].argmax(1))
+    return extras
+
+
+def evaluate(predictor: Any, split: PairSplit, task: Task, validators: dict[str, Any]) -> tuple[dict, RunScores]:
+    """Target/source metrics (with the host's labels) and the validator
+    scores; the scores carry the run's label-free extras
+    (:func:`label_free_extras`) to the store."""
     pt = _checked_proba(predictor, split.target_test.X, "target", split.n_classes)
     yhat = pt.argmax(1)
     metrics = {
         "target_acc": float((yhat == split.target_test.y).mean()),
         "target_f1": macro_f1(split.target_test.y, yhat, split.n_classes),
     }
-    ps = _checked_proba(predictor, split.source_test.X, "source", split.n_classes)
-    metrics["source_acc"] = float((ps.argmax(1) == split.source_test.y).mean())
-    scores: dict[str, float | None] = {}
+    try:
+        ps = _checked_proba(predictor, split.source_test.X, "source", split.n_classes)
+        metrics["source_acc"] = float((ps.argmax(1) == split.source_test.y).mean())
+    except ValueError:
+        # On a heterogeneous pair a target-only model (target-oracle,
+        # target-only-k) has no source encoder: no source accuracy to report.
+        if split.same_feature_space:
+            raise
+        metrics["source_acc"] = None
+    scores = RunScores()
     for name, v in sorted(validators.items()):
         try:
             s = float(v.score(predictor, task))
@@ -129,6 +185,10 @@ def evaluate(predictor: Any, split: PairSplit, task: Task, validators: dict[str,
         except Exception as exc:  # a broken validator must not fail the run
             log.warning("validator %s failed on %s: %s", name, split.name, exc)
             scores[name] = None
+    try:
+        scores.extras = label_free_extras(predictor, task, split.n_classes)
+    except Exception as exc:  # statistics for the warning must not fail the run
+        log.warning("label-free statistics failed on %s: %s", split.name, exc)
     return metrics, scores
 
 
@@ -145,13 +205,17 @@ def _reason(exc: BaseException) -> str:
 class Runner:
     """Runs a suite's specs against a registry and a store."""
 
-    def __init__(self, registry: Registry, store: RunStore, device: str = "cpu",
+    def __init__(self, registry: Registry, store: RunStore | None, device: str = "cpu",
                  data_root: str | Path | None = None,
-                 on_event: Callable[..., None] | None = None) -> None:
+                 on_event: Callable[..., None] | None = None,
+                 plugins_dir: str | Path | None = None) -> None:
         self.registry = registry
         self.store = store
         self.device = device
         self.data_root = Path(data_root) if data_root else None
+        #: where the registry's extra plugins came from: worker processes
+        #: (pool, Ray) rebuild the same registry from it
+        self.plugins_dir = Path(plugins_dir) if plugins_dir else None
         self.on_event = on_event or (lambda *a, **k: None)
         self._split_cache: dict[tuple, PairSplit] = {}
         self._load = lru_cache(maxsize=16)(self._load_domain)
@@ -171,28 +235,32 @@ class Runner:
             )
         return self._split_cache[key]
 
-    def run_one(self, spec: RunSpec) -> RunResult:
+    def run_one(self, spec: RunSpec, device: str | None = None) -> RunResult:
+        """Compute one run on ``device`` (default: the runner's) and return
+        its result; never writes the store."""
         from .training import seed_everything
 
+        device = device or self.device
         cls = self.registry.methods[spec.method]
         t0 = time.perf_counter()
         try:
             split = self.split(spec)
         except Exception as exc:
-            return RunResult(spec, "failed", f"data: {_reason(exc)}", wall_time_s=time.perf_counter() - t0)
+            return RunResult(spec, "failed", f"data: {_reason(exc)}", wall_time_s=time.perf_counter() - t0,
+                             device=device)
         task = split.task(
-            seed=spec.seed, device=self.device, budget=spec.pair.budget,
+            seed=spec.seed, device=device, budget=spec.pair.budget,
             backbone=self.registry.backbones[spec.backbone], oracle="oracle" in cls.requires,
         )
         reason = cls.skip(task)
         if reason:
-            return RunResult(spec, "skipped", reason)
-        cuda = self.device.startswith("cuda")
+            return RunResult(spec, "skipped", reason, device=device)
+        cuda = device.startswith("cuda")
         _reset_peak_rss()
         if cuda:
             import torch
 
-            torch.cuda.reset_peak_memory_stats(self.device)
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         try:
             seed_everything(spec.seed)
@@ -205,14 +273,14 @@ class Runner:
         except Exception as exc:
             log.debug("run %s failed:\n%s", spec.key, traceback.format_exc())
             return RunResult(spec, "failed", _reason(exc), wall_time_s=time.perf_counter() - t0,
-                             peak_mem_mb=_peak_rss_mb())
+                             peak_mem_mb=_peak_rss_mb(), device=device)
         peak = _peak_rss_mb()
         if cuda:
             import torch
 
-            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            peak = torch.cuda.max_memory_allocated(device) / 2**20
         return RunResult(spec, "ok", None, metrics["target_acc"], metrics["target_f1"], metrics.get("source_acc"),
-                         scores, wall, peak)
+                         scores, wall, peak, device)
 
     def record(self, r: RunResult, started: str) -> dict[str, Any]:
         s = r.spec
@@ -226,24 +294,51 @@ class Runner:
             "backbone": s.backbone, "status": r.status, "reason": r.reason,
             "target_acc": r.target_acc, "target_f1": r.target_f1, "source_acc": r.source_acc,
             "wall_time_s": r.wall_time_s, "peak_mem_mb": r.peak_mem_mb,
-            "device": self.device if r.status == "ok" else None,
+            "device": (r.device or self.device) if r.status == "ok" else None,
             "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "dabench_version": __version__,
         }
 
-    def run(self, suite: Suite, retry_failed: bool = False) -> Summary:
+    def run(self, suite: Suite, retry_failed: bool = False, executor: Any = None) -> Summary:
+        """Run every spec of ``suite`` not yet in the store (and the failed
+        ones with ``retry_failed``) on ``executor`` (default: serial), storing
+        each result the moment it comes back.
+
+        Events sent to ``on_event``: ``start`` (total, todo, done, executor),
+        ``run_start`` when a run is handed to a worker (index in dispatch
+        order, spec, device), ``run_end`` when its result is stored (index =
+        number of results so far - 1, result), ``run_lost`` when its worker
+        died (it is not stored), ``end`` (summary).
+        """
+        from .executors import LostRun, SerialExecutor
+
+        if self.store is None:
+            raise RuntimeError("Runner.run needs a store")
+        executor = executor if executor is not None else SerialExecutor()
         specs = suite.expand(self.registry)
         status = self.store.statuses()
         todo = [s for s in specs if s.key not in status or (retry_failed and status[s.key] == "failed")]
         summary = Summary(total=len(specs), already_done=len(specs) - len(todo))
-        self.on_event("start", suite=suite, total=len(specs), todo=len(todo), done=summary.already_done)
+        self.on_event("start", suite=suite, total=len(specs), todo=len(todo), done=summary.already_done,
+                      executor=executor)
         t_start = time.perf_counter()
-        for i, spec in enumerate(todo):
-            self.on_event("run_start", index=i, todo=len(todo), spec=spec,
-                          elapsed=time.perf_counter() - t_start)
-            started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            result = self.run_one(spec)
-            rec = self.record(result, started)
+        started: dict[str, str] = {}
+
+        def dispatched(spec: RunSpec, device: str) -> None:
+            started[spec.key] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            self.on_event("run_start", index=len(started) - 1, todo=len(todo), spec=spec, device=device,
+                          elapsed=time.perf_counter() - t_start, completed=summary.ran + summary.lost)
+
+        for result in executor.map(self, todo, dispatched):
+            spec = result.spec
+            if isinstance(result, LostRun):
+                summary.lost += 1
+                log.warning("run %s lost (%s); it is not stored, rerun the sweep to compute it",
+                            spec.key[:12], result.reason)
+                self.on_event("run_lost", index=summary.ran + summary.lost - 1, todo=len(todo), spec=spec,
+                              reason=result.reason, elapsed=time.perf_counter() - t_start)
+                continue
+            rec = self.record(result, started.get(spec.key) or datetime.now(timezone.utc).isoformat(timespec="seconds"))
             self.store.write(rec, result.scores)
             summary.ran += 1
             setattr(summary, result.status, getattr(summary, result.status) + 1)
@@ -252,8 +347,8 @@ class Runner:
                 self.registry.pm.hook.dabench_run_finished(record=hook_rec) if self.registry.pm else None
             except Exception as exc:
                 log.warning("a dabench_run_finished hook failed (ignored): %s", _reason(exc))
-            self.on_event("run_end", index=i, todo=len(todo), spec=spec, result=result,
-                          elapsed=time.perf_counter() - t_start)
+            self.on_event("run_end", index=summary.ran + summary.lost - 1, todo=len(todo), spec=spec,
+                          result=result, elapsed=time.perf_counter() - t_start)
         summary.wall_time_s = time.perf_counter() - t_start
         self.on_event("end", summary=summary)
         return summary

@@ -9,6 +9,14 @@ blocking the writer.
 
 Rows are scalar (no blobs); hyperparameters, protocol and budget are stored
 as canonical JSON text.
+
+Tables: ``runs`` (one row per run), ``scores`` (one row per run and
+validator) and ``extras`` (label-free per-run statistics the leaderboard's
+negative-transfer warning uses, one small row per run and name: a number in
+``value`` or a short text in ``text``, e.g. the predicted target class
+prior, or the predicted classes of the first target points).  ``extras``
+was added after schema 1 shipped; it is created on open, so older stores
+keep working (their runs simply have no extras).
 """
 
 from __future__ import annotations
@@ -66,6 +74,19 @@ class StoreError(RuntimeError):
     pass
 
 
+class RunScores(dict):
+    """Validator scores ``{name: float | None}`` of one run, carrying the
+    run's label-free statistics in ``extras`` (``{name: float | str}``).
+
+    A plain dict is accepted wherever this is; the extras ride along with
+    the scores so the run loop needs no change to store them.
+    """
+
+    def __init__(self, *args: Any, extras: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.extras: dict[str, Any] = dict(extras or {})
+
+
 class RunStore:
     """A results folder's SQLite store."""
 
@@ -90,6 +111,10 @@ class RunStore:
             con.execute(
                 "CREATE TABLE IF NOT EXISTS scores (key TEXT NOT NULL REFERENCES runs(key) ON DELETE CASCADE, "
                 "validator TEXT NOT NULL, value REAL, PRIMARY KEY (key, validator))"
+            )
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS extras (key TEXT NOT NULL REFERENCES runs(key) ON DELETE CASCADE, "
+                "name TEXT NOT NULL, value REAL, text TEXT, PRIMARY KEY (key, name))"
             )
             row = con.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
             if row is None:
@@ -133,12 +158,16 @@ class RunStore:
         return int(self._con.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
 
     def rows(self) -> list[dict[str, Any]]:
-        """Every run as a flat dict, with ``val_<validator>`` entries for scores."""
+        """Every run as a flat dict, with ``val_<validator>`` entries for scores
+        and ``x_<name>`` entries for extras."""
         cur = self._con.execute(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs ORDER BY suite, pair, method, point, seed")
         out = {r[0]: dict(zip(RUN_COLUMNS, r)) for r in cur.fetchall()}
         for key, validator, value in self._con.execute("SELECT key, validator, value FROM scores"):
             if key in out:
                 out[key][f"val_{validator}"] = value
+        for key, name, value, text in self._con.execute("SELECT key, name, value, text FROM extras ORDER BY key, name"):
+            if key in out:
+                out[key][f"x_{name}"] = text if text is not None else value
         return list(out.values())
 
     def dataframe(self):
@@ -157,7 +186,8 @@ class RunStore:
             con.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
 
     def write(self, record: dict[str, Any], scores: dict[str, float] | None = None) -> None:
-        """Insert (or replace a failed) run and its scores in one transaction."""
+        """Insert (or replace a failed) run and its scores in one transaction;
+        ``scores.extras`` (a :class:`RunScores`) go to the ``extras`` table."""
         missing = [k for k, v in RUN_COLUMNS.items() if "NOT NULL" in v and record.get(k) is None]
         if missing:
             raise StoreError(f"run record lacks {missing}")
@@ -165,6 +195,7 @@ class RunStore:
         values = [None if isinstance(v, float) and not math.isfinite(v) else v for v in values]
         with self.transaction() as con:
             con.execute("DELETE FROM scores WHERE key = ?", (record["key"],))
+            con.execute("DELETE FROM extras WHERE key = ?", (record["key"],))
             con.execute(
                 f"INSERT OR REPLACE INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})",
                 values,
@@ -172,12 +203,20 @@ class RunStore:
             for name, value in (scores or {}).items():
                 v = float(value) if value is not None and math.isfinite(float(value)) else None
                 con.execute("INSERT INTO scores (key, validator, value) VALUES (?, ?, ?)", (record["key"], name, v))
+            for name, value in (getattr(scores, "extras", None) or {}).items():
+                if isinstance(value, str):
+                    row = (record["key"], str(name), None, value)
+                else:
+                    v = float(value) if value is not None and math.isfinite(float(value)) else None
+                    row = (record["key"], str(name), v, None)
+                con.execute("INSERT INTO extras (key, name, value, text) VALUES (?, ?, ?, ?)", row)
 
     def delete(self, keys: Iterable[str]) -> int:
         keys = list(keys)
         with self.transaction() as con:
             for k in keys:
                 con.execute("DELETE FROM scores WHERE key = ?", (k,))
+                con.execute("DELETE FROM extras WHERE key = ?", (k,))
                 con.execute("DELETE FROM runs WHERE key = ?", (k,))
         return len(keys)
 

@@ -11,6 +11,7 @@ missing field or a wrong type is an error naming the file and the key)::
     pairs = [                           # "source:target", or a table with overrides
         "moons:moons-rot35",
         { pair = "mnist:mnistm", budget = { steps = 600 } },
+        { pair = "svhn:mnist-full", backbone = "dtn" },   # per-pair backbone
     ]
 
     [protocol]                          # optional; defaults shown
@@ -18,6 +19,7 @@ missing field or a wrong type is an error naming the file and the key)::
     feature_space = "shared"            # "shared" (homogenise inputs) or "native"
     max_source = 4000                   # cap on samples per domain (optional)
     max_target = 4000
+    training = "end-to-end"             # or "head": domains are cached backbone features
 
     [budget]                            # optional; defaults shown
     steps = 1000
@@ -64,6 +66,7 @@ class PairEntry:
     target: str
     protocol: Protocol
     budget: Budget
+    backbone: str | None = None  # overrides the suite's backbone for this pair
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,8 @@ class Suite:
                 for m in self.methods:
                     version = str(registry.methods[m.name].version)
                     for i, params in enumerate(m.points):
-                        specs.append(RunSpec(self.name, pair, m.name, version, params, i, seed, self.backbone))
+                        specs.append(RunSpec(self.name, pair, m.name, version, params, i, seed,
+                                             pair.backbone or self.backbone))
         return specs
 
     def restrict(self, methods: list[str] | None = None, pairs: list[str] | None = None,
@@ -150,7 +154,8 @@ class Suite:
 # ----------------------------------------------------------------- parsing
 
 _TOP = {"name", "description", "seeds", "validator", "backbone", "pairs", "protocol", "budget", "methods"}
-_PROTOCOL = {"k_target", "feature_space", "max_source", "max_target"}
+_PROTOCOL = {"k_target", "feature_space", "max_source", "max_target", "training"}
+TRAINING_PROTOCOLS = ("end-to-end", "head")
 _BUDGET = {"steps", "batch_size"}
 _METHOD = {"params", "grid", "random"}
 
@@ -189,6 +194,11 @@ def _protocol(path: Path, where: str, table: Any, base: Protocol) -> Protocol:
         if fs not in ("shared", "native"):
             raise SuiteError(path, f"{where}.feature_space", f'expected "shared" or "native", got {fs!r}')
         kw["feature_space"] = fs
+    if "training" in table:
+        tr = _expect(path, f"{where}.training", table["training"], str, '"end-to-end" or "head"')
+        if tr not in TRAINING_PROTOCOLS:
+            raise SuiteError(path, f"{where}.training", f'expected "end-to-end" or "head", got {tr!r}')
+        kw["training"] = tr
     for cap in ("max_source", "max_target"):
         if cap in table:
             v = _expect(path, f"{where}.{cap}", table[cap], int, "a positive integer")
@@ -308,15 +318,20 @@ def parse_suite(path: str | Path, registry: Any) -> Suite:
     pairs: list[PairEntry] = []
     for i, entry in enumerate(pairs_raw):
         where = f"pairs[{i}]"
-        p_proto, p_budget = protocol, budget
+        p_proto, p_budget, p_backbone = protocol, budget, None
         if isinstance(entry, dict):
-            _check_keys(path, where, entry, {"pair", "protocol", "budget"})
+            _check_keys(path, where, entry, {"pair", "protocol", "budget", "backbone"})
             if "pair" not in entry:
                 raise SuiteError(path, f"{where}.pair", 'missing; expected "source:target"')
             if "protocol" in entry:
                 p_proto = _protocol(path, f"{where}.protocol", entry["protocol"], protocol)
             if "budget" in entry:
                 p_budget = _budget(path, f"{where}.budget", entry["budget"], budget)
+            if "backbone" in entry:
+                p_backbone = _expect(path, f"{where}.backbone", entry["backbone"], str, "a string")
+                if p_backbone not in registry.backbones:
+                    raise SuiteError(path, f"{where}.backbone",
+                                     f"unknown backbone {p_backbone!r}; available: {sorted(registry.backbones)}")
             where, entry = f"{where}.pair", entry["pair"]
         pname = _expect(path, where, entry, str, '"source:target"')
         if pname.count(":") != 1:
@@ -328,9 +343,17 @@ def parse_suite(path: str | Path, registry: Any) -> Suite:
         s_spec, t_spec = registry.datasets[src], registry.datasets[tgt]
         if s_spec.label_space != t_spec.label_space:
             raise SuiteError(path, where, f"{src!r} ({s_spec.label_space}) and {tgt!r} ({t_spec.label_space}) have different label spaces")
-        if any(p.name == pname and p.protocol == p_proto for p in pairs):
+        feats = {getattr(s_spec, "features", None), getattr(t_spec, "features", None)} - {None}
+        if p_proto.training == "head" and not (s_spec.features and t_spec.features):
+            raw = [d for d, sp in ((src, s_spec), (tgt, t_spec)) if not sp.features]
+            raise SuiteError(path, where, f'training = "head" needs cached-feature domains (e.g. '
+                                          f'"office31-amazon@resnet50"); {raw} hold raw inputs')
+        if feats and p_proto.training != "head":
+            raise SuiteError(path, where, f'{pname!r} holds cached {sorted(feats)} features; set training = "head" '
+                                          f'in [protocol] (the backbone cannot be fine-tuned through cached features)')
+        if any(p.name == pname and p.protocol == p_proto and p.backbone == p_backbone for p in pairs):
             raise SuiteError(path, where, f"pair {pname!r} is listed twice")
-        pairs.append(PairEntry(pname, src, tgt, p_proto, p_budget))
+        pairs.append(PairEntry(pname, src, tgt, p_proto, p_budget, p_backbone))
 
     if "methods" not in raw:
         raise SuiteError(path, "methods", "missing; expected a table per method, e.g. [methods.source-only]")

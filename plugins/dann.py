@@ -23,6 +23,10 @@ What is followed:
   with ``gamma = 10`` and SGD with momentum 0.9, learning rate
   ``mu_p = mu0 / (1 + alpha p) ** beta``, ``alpha = 10``, ``beta = 0.75``;
   ``p`` goes linearly from 0 to 1 over ``task.budget.steps`` steps.
+- ``lambda`` only scales the reversed gradient reaching ``G_f``; ``G_d``
+  always learns with weight 1 (Sec. 5.2.2: the schedule ``lambda_p`` is used
+  for updating the feature extractor only, the domain classifier is updated
+  with a fixed lambda of 1).
 - Each step draws one batch of ``task.budget.batch_size`` labelled source
   samples and one of the same size of unlabelled target samples (the paper
   uses 128-sample batches, half from each domain).
@@ -32,9 +36,13 @@ Simplified or changed, and why:
 - The label predictor is linear on a 128-d bottleneck instead of the paper's
   100-100-10 MLP, so all methods of the benchmark share one network
   (backbone + linear head) and differ only in their adaptation term.
-- ``lambda`` only scales the reversed gradient (the usual implementation,
-  also the authors' Caffe code); ``G_d`` learns at the full learning rate.
 - Small L2 weight decay (5e-4), also used by the source-only baseline.
+- ``mu0`` is a hyperparameter (the paper: 0.01, the default here); the quick
+  suite uses 0.03 for its short budgets.  Above the paper's rate the
+  adversarial game can blow up (e.g. ``lr = 0.05``, ``lambda_max = 1`` gives
+  a NaN loss on the covariate-shift pair); such a run fails with
+  ``DivergedError`` rather than being rescued by tricks the paper does not
+  use (feature normalisation, gradient clipping).
 - Budgets are far shorter than the paper's (hundreds of steps, CPU-sized);
   the quick suite measures relative gains, not the paper's absolute numbers.
 """

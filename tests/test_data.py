@@ -237,13 +237,27 @@ def test_covshift_moves_p_x_but_keeps_the_labelling_rule():
     assert _knn_transfer("covshift-source", "covshift-target") < 0.85  # source-only extrapolates badly
 
 
-def test_condshift_keeps_p_x_but_changes_p_y_given_x():
+def test_condshift_moves_clusters_and_flips_priors_so_alignment_must_hurt():
+    from sklearn.linear_model import LogisticRegression
+
     Xs, ys = load("condshift-source")
     Xt, yt = load("condshift-target")
-    assert np.allclose(Xs.mean(0), Xt.mean(0), atol=0.15)
-    assert np.allclose(np.cov(Xs.T), np.cov(Xt.T), atol=0.3)
-    acc = _knn_transfer("condshift-source", "condshift-target")
-    assert 0.65 < acc < 0.85  # two of eight clusters changed class
+    assert np.bincount(ys)[1] / len(ys) == pytest.approx(0.2)  # priors flip 80/20 -> 20/80
+    assert np.bincount(yt)[1] / len(yt) == pytest.approx(0.8)
+    assert np.linalg.norm(Xs.mean(0) - Xt.mean(0)) > 2.5  # p(x) moves
+    for c in (0, 1):  # and so do the class conditionals
+        assert np.linalg.norm(Xs[ys == c].mean(0) - Xt[yt == c].mean(0)) > 2.5
+    # source-only transfers well (above the 0.8 of always predicting the target majority)
+    clf = LogisticRegression().fit(Xs, ys)
+    assert clf.score(Xt, yt) > 0.9
+    assert _knn_transfer("condshift-source", "condshift-target") > 0.85
+    # perfect marginal alignment along the source classifier's axis (1-d optimal transport of the target
+    # scores onto the source scores) pairs each target class with the other source class
+    s, t = clf.decision_function(Xs), clf.decision_function(Xt)
+    aligned = np.quantile(s, np.argsort(np.argsort(t)) / (len(t) - 1))
+    acc = ((aligned > 0).astype(int) == yt).mean()
+    assert acc <= embedded.condshift_bound() + 0.02
+    assert embedded.condshift_bound() == pytest.approx(0.4)
 
 
 def test_labelshift_changes_priors_only():

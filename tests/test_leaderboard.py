@@ -6,6 +6,7 @@ import io
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -255,3 +256,222 @@ def test_errors_say_what_to_do():
 
 def test_pair_label():
     assert pair_label("moons:moons-rot35") == "moons→moons-rot35"
+
+
+# ---------------------------------------------------------------- negative transfer, warning, selection
+
+
+def test_holm_known_answer():
+    from dabench.leaderboard import holm
+
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    out = holm([0.5, math.nan, 0.01])
+    assert out[0] == pytest.approx(0.5) and math.isnan(out[1]) and out[2] == pytest.approx(0.02)
+
+
+def test_paired_t_test_matches_scipy():
+    from scipy import stats
+
+    from dabench.leaderboard import paired_t_test
+
+    a, b = [0.61, 0.60, 0.66], [0.70, 0.72, 0.74]
+    t, p = paired_t_test([x - y for x, y in zip(a, b)])
+    ref = stats.ttest_rel(a, b)
+    assert t == pytest.approx(ref.statistic) and p == pytest.approx(ref.pvalue)
+    assert paired_t_test([0.1, 0.1, 0.1])[1] == 0.0  # identical non-zero differences
+    assert paired_t_test([0.0, 0.0])[1] == 1.0
+    assert math.isnan(paired_t_test([0.1])[1])
+
+
+def _nt_rows():
+    """Three pairs, 3 seeds: 'aligner' hurts on P1 (consistently), helps on P2, is noisy on P3.
+    Extras: the aligner drags its predicted prior away from the reference's BBSE estimate on P1."""
+    P3 = "covshift-source:covshift-target"
+    so = {P1: [0.70, 0.72, 0.74], P2: [0.60, 0.62, 0.64], P3: [0.50, 0.60, 0.70]}
+    al = {P1: [0.40, 0.43, 0.44], P2: [0.80, 0.83, 0.84], P3: [0.62, 0.55, 0.68]}
+    rows = []
+    for pair in (P1, P2, P3):
+        for seed in range(3):
+            for method, acc in (("source-only", so), ("aligner", al)):
+                r = _record(pair, method, 0, seed, {}, tacc=acc[pair][seed], sacc=0.9)
+                r["key"] = f"{pair}-{method}-{seed}"
+                r["val_source-val"] = 0.9
+                drift = method == "aligner" and pair == P1
+                r.update({"x_prior_pred_0": 0.8 if drift else 0.3, "x_prior_pred_1": 0.2 if drift else 0.7,
+                          "x_prior_bbse_0": 0.25, "x_prior_bbse_1": 0.75,
+                          "x_target_pred": "0,0,0,0" if drift else "1,1,0,1"})
+                rows.append(r)
+    return rows, P3
+
+
+def test_negative_transfer_verdicts_paired_test_and_holm():
+    from scipy import stats
+
+    rows, P3 = _nt_rows()
+    b = compute_leaderboard(rows)
+    c1, c2, c3 = (b.cell("aligner", p) for p in (P1, P2, P3))
+    assert c1["nt_flag"] == "negative transfer" and c1["gap_mean"] < 0
+    assert c2["nt_flag"] == "better"
+    assert c3["nt_flag"] == "n.s."
+    # the p-values are paired t-tests, Holm-corrected over the method's three pairs
+    raw = [stats.ttest_rel([r for r in al], so).pvalue for al, so in (
+        ([0.40, 0.43, 0.44], [0.70, 0.72, 0.74]), ([0.80, 0.83, 0.84], [0.60, 0.62, 0.64]),
+        ([0.62, 0.55, 0.68], [0.50, 0.60, 0.70]))]
+    assert c1["nt_p"] == pytest.approx(raw[0])
+    from dabench.leaderboard import holm
+
+    assert [c1["nt_p_holm"], c2["nt_p_holm"], c3["nt_p_holm"]] == pytest.approx(holm(raw))
+    assert c1["nt_n"] == 3
+    # the reference itself is not tested
+    assert b.cell("source-only", P1)["nt_flag"] == "n/a"
+    # a significantly better cell is never flagged
+    assert not ((b.cells["nt_flag"] == "negative transfer") & (b.cells["gap_mean"] > 0)).any()
+    info = b.nt_test
+    assert info["alpha"] == 0.05 and "paired t-test" in info["test"] and "Holm" in info["correction"]
+    assert info["n_seeds"] == 3 and "only 3 paired seeds" in info["power_warning"]
+    md = to_markdown(b)
+    assert "## Negative transfer" in md and "**Warning**: only 3 paired seeds" in md
+    assert "**negative transfer**" in md and " **NT**" in md
+    assert "Wilcoxon" in md
+
+
+def test_label_free_warning_and_its_evaluation():
+    rows, P3 = _nt_rows()
+    b = compute_leaderboard(rows)
+    c1, c2 = b.cell("aligner", P1), b.cell("aligner", P2)
+    # predicted prior (0.8, 0.2) vs BBSE (0.25, 0.75): TV 0.55; the reference's (0.3, 0.7): TV 0.05
+    assert c1["warn_prior_drift"] == pytest.approx(0.50)
+    assert c2["warn_prior_drift"] == pytest.approx(0.0)
+    assert c1["warn_flag"] is True and c2["warn_flag"] is False
+    assert c1["warn_disagreement"] == pytest.approx(0.75)  # 3 of the 4 stored predictions differ
+    assert c1["warn_val_source-val"] == pytest.approx(0.0)
+    ev = b.warning_eval
+    assert ev["n_cells"] == 3 and ev["n_negative_transfer"] == 1
+    assert ev["precision"] == 1.0 and ev["recall"] == 1.0 and ev["auroc"] == 1.0
+    assert set(ev["candidate_auroc"]) >= {"warn_prior_drift", "warn_disagreement", "warn_val_source-val"}
+    md = to_markdown(b)
+    assert "## Label-free negative-transfer warning" in md and "AUROC 1.00" in md
+    doc = json.loads(to_json(b))
+    assert doc["warning_evaluation"]["auroc"] == 1.0
+    cell = next(c for c in doc["cells"] if c["method"] == "aligner" and c["pair"] == P1)
+    assert cell["nt_flag"] == "negative transfer" and cell["warn_flag"] is True
+
+
+def test_warning_without_extras_is_missing_not_wrong(board):
+    c = board.cell("dann", P1)
+    assert math.isnan(c["warn_prior_drift"]) and c["warn_flag"] is None
+    assert math.isnan(board.warning_eval["auroc"])
+    assert "## Label-free negative-transfer warning" in to_markdown(board)
+
+
+def test_reference_is_target_only_k_with_labelled_target_samples():
+    rows = []
+    for seed in range(3):
+        for method, acc in (("source-only", 0.5), ("target-only-k", 0.8), ("fewshot", 0.7)):
+            r = _record(P1, method, 0, seed, {}, tacc=acc + 0.01 * seed * (method == "fewshot"), sacc=0.9)
+            r["protocol"] = canonical_json({"k_target": 5, "feature_space": "shared"})
+            r["key"] = f"{method}{seed}"
+            rows.append(r)
+    b = compute_leaderboard(rows)
+    c = b.cell("fewshot", P1)
+    assert c["nt_reference"] == "target-only-k"
+    assert c["gap_mean"] == pytest.approx(-0.09)  # against target-only-k, not source-only
+    assert c["forgetting_mean"] == pytest.approx(0.0)  # forgetting stays against source-only
+    assert c["nt_flag"] == "negative transfer"
+    assert b.cell("source-only", P1)["nt_flag"] in ("negative transfer", "n.s.")  # tested against target-only-k
+    assert b.cell("target-only-k", P1)["nt_flag"] == "n/a"
+
+
+def test_oracle_selection_and_selection_gap(board):
+    sel = board.selection.set_index(["method", "pair", "validator"])
+    r = sel.loc[("dann", P1, "source-val")]
+    assert r["point"] == 0 and r["oracle_point"] == 1
+    assert r["oracle_acc_mean"] == pytest.approx(0.91)
+    assert r["selection_gap"] == pytest.approx(0.91 - 0.81)
+    r2 = sel.loc[("dann", P2, "source-val")]
+    assert r2["point"] == 1 and r2["oracle_point"] == 0 and r2["selection_gap"] == pytest.approx(0.71 - 0.62)
+    assert sel.loc[("dann", P1, "entropy")]["selection_gap"] == pytest.approx(0.10)
+    assert ("source-only", P1, "source-val") not in sel.index  # one point: nothing to select
+    md = to_markdown(board)
+    assert "## Oracle selection (upper bound: uses target labels)" in md
+    assert "91.0 ± 1.0 [point 1]" in md
+    assert "### Selection gap per validator" in md and "source-val (main)" in md
+    assert "9.5" in md  # mean gap of source-val over the two pairs, in points
+    doc = json.loads(to_json(board))
+    assert {s["validator"] for s in doc["selection"]} == {"source-val", "entropy"}
+
+
+# ---------------------------------------------------------------- label-free run statistics in the store
+
+
+def test_store_keeps_extras_and_opens_old_stores(tmp_path):
+    import sqlite3
+
+    from dabench.store import RunScores
+
+    rec = _record(P1, "dann", 0, 0, {}, tacc=0.7, sacc=0.9)
+    with RunStore(tmp_path) as st:
+        st.write(rec, RunScores({"snd": 1.5}, extras={"prior_pred_0": 0.25, "target_pred": "0,1,1"}))
+        row = st.rows()[0]
+    assert row["val_snd"] == 1.5 and row["x_prior_pred_0"] == 0.25 and row["x_target_pred"] == "0,1,1"
+    with RunStore(tmp_path) as st:  # a rewrite of the run replaces its extras
+        st.write(rec, {"snd": 1.0})
+        assert "x_prior_pred_0" not in st.rows()[0]
+    # a store written before the extras table existed still opens, and gains the table
+    old = tmp_path / "old"
+    with RunStore(old) as st:
+        st.write(rec, {"snd": 1.0})
+    with sqlite3.connect(old / "runs.sqlite") as con:
+        con.execute("DROP TABLE extras")
+    with RunStore(old) as st:
+        assert st.rows()[0]["val_snd"] == 1.0
+        st.write(dict(rec, key="new"), RunScores(extras={"prior_pred_0": 0.5}))
+        assert {r["key"]: r.get("x_prior_pred_0") for r in st.rows()}["new"] == 0.5
+
+
+def test_bbse_recovers_a_shifted_class_prior():
+    from dabench.runner import bbse_prior
+
+    rng = np.random.default_rng(0)
+    # a classifier that is right 90% of the time on both classes
+    def proba(y):
+        right = rng.random(len(y)) < 0.9
+        pred = np.where(right, y, 1 - y)
+        return np.eye(2)[pred] * 0.98 + 0.01
+    ys = rng.integers(0, 2, 4000)  # source 50/50
+    yt = (rng.random(4000) < 0.8).astype(int)  # target 20/80
+    q = bbse_prior(proba(ys), ys, proba(yt))
+    assert q == pytest.approx([0.2, 0.8], abs=0.03)
+
+
+def test_evaluate_records_label_free_extras(registry):
+    from conftest import make_task
+
+    from dabench.runner import N_STORED_PREDICTIONS, evaluate
+
+    task, split = make_task(registry, "condshift-source:condshift-target", steps=30)
+    pred = registry.methods["source-only"]().fit(task)
+    metrics, scores = evaluate(pred, split, task, {"bnm": registry.validators["bnm"]})
+    assert set(scores) == {"bnm"}
+    ex = scores.extras
+    p = pred.predict_proba(task.target_train.X)
+    assert [ex["prior_pred_0"], ex["prior_pred_1"]] == pytest.approx(p.mean(0))
+    assert ex["prior_bbse_0"] + ex["prior_bbse_1"] == pytest.approx(1.0)
+    labels = ex["target_pred"].split(",")
+    assert len(labels) == min(N_STORED_PREDICTIONS, len(task.target_train.X))
+    assert labels == [str(c) for c in p[:len(labels)].argmax(1)]
+
+
+def test_warning_discounts_drift_within_the_references_seed_noise():
+    rows, P3 = _nt_rows()
+    # on P3 the reference's own predicted prior jumps between seeds, and the aligner drifts
+    ref_priors = {0: (0.3, 0.7), 1: (0.7, 0.3), 2: (0.3, 0.7)}
+    for r in rows:
+        if r["pair"] == P3:
+            p0, p1 = ref_priors[r["seed"]] if r["method"] == "source-only" else (0.8, 0.2)
+            r.update({"x_prior_pred_0": p0, "x_prior_pred_1": p1})
+    c = compute_leaderboard(rows).cell("aligner", P3)
+    # per seed: TV(aligner, bbse) - TV(ref, bbse) = 0.55 - {0.05, 0.45, 0.05} = {0.5, 0.1, 0.5}
+    assert c["warn_prior_drift"] == pytest.approx((0.5 + 0.1 + 0.5) / 3)
+    spread = (0.4 + 0.0 + 0.4) / 3  # mean pairwise TV of the reference's priors over seeds
+    assert c["warn_prior_drift_beyond_noise"] == pytest.approx(c["warn_prior_drift"] - spread)

@@ -55,6 +55,10 @@ class DomainSpec:
     base: str | None = None
     description: str = ""
     source: str = ""  # provenance / licence, one line
+    #: the frozen backbone whose cached features this domain holds (e.g.
+    #: ``"resnet50"``), or None for raw inputs; such domains may only be used
+    #: under the ``"head"`` training protocol (see :class:`Protocol`)
+    features: str | None = None
 
     @property
     def is_image(self) -> bool:
@@ -69,14 +73,26 @@ class Protocol:
     feature_space: str = "shared"  # "shared" (homogenise) or "native"
     max_source: int | None = None  # cap on source samples before splitting
     max_target: int | None = None  # cap on target samples before splitting
+    #: "end-to-end": methods train their backbone on the domains' inputs;
+    #: "head": the domains hold frozen-backbone features extracted once and
+    #: cached on disk (``<domain>@resnet50``), and methods adapt a head on them
+    training: str = "end-to-end"
 
     def as_dict(self) -> dict:
-        return {
+        """The protocol as stored with each run (part of the run key).
+
+        ``training`` appears only when it is not the default
+        ``"end-to-end"``, so run keys of suites written before the field
+        existed do not change; its absence means end to end."""
+        d = {
             "k_target": self.k_target,
             "feature_space": self.feature_space,
             "max_source": self.max_source,
             "max_target": self.max_target,
         }
+        if self.training != "end-to-end":
+            d["training"] = self.training
+        return d
 
 
 @dataclass(frozen=True)

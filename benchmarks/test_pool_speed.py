@@ -1,0 +1,45 @@
+"""Quick-suite wall time with 1 worker (the serial executor, torch's default
+threads) and 2 workers (the process pool, ``max(1, cores // 2)`` threads each).
+
+A subset of the quick suite keeps it reasonable: every pair and method, one
+seed (24 of its 72 runs); ``DABENCH_BENCH_SEEDS=3`` times the whole suite.
+One round each: a sweep is minutes long, and its runs already average out.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+
+import pytest
+
+from dabench.executors import make_executor
+from dabench.plugins import get_registry
+from dabench.runner import Runner
+from dabench.store import RunStore
+from dabench.suite import parse_suite
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = int(os.environ.get("DABENCH_BENCH_SEEDS", "1"))
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_quick_suite_wall_time(benchmark, jobs, tmp_path):
+    reg = get_registry()
+    suite = parse_suite(ROOT / "suites" / "quick.toml", reg).restrict(seeds=SEEDS)
+    runs = len(suite.expand(reg))
+    rounds = iter(range(100))
+
+    def sweep() -> None:
+        with RunStore(tmp_path / f"r{next(rounds)}") as st:
+            summary = Runner(reg, st, device="cpu").run(suite, executor=make_executor("local", device="cpu", jobs=jobs))
+        assert summary.ok == runs
+
+    before = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    benchmark.group = "quick suite"
+    benchmark.pedantic(sweep, rounds=1, iterations=1, warmup_rounds=0)
+    after = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = sum((a.ru_utime + a.ru_stime) - (b.ru_utime + b.ru_stime) for a, b in zip(after, before))
+    benchmark.extra_info.update(kind="pool", jobs=jobs, runs=runs, seeds=SEEDS, cpu_s=cpu,
+                                loadavg=os.getloadavg()[0])
