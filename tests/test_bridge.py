@@ -23,6 +23,17 @@ needs_pa = pytest.mark.skipif(
     not HAVE_PA, reason=f"pytorch-adapt not installed ({', '.join(bridge.missing_modules())} missing); "
                         f"install it with: {bridge.INSTALL}")
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models train several times faster on one thread than on a contended pool."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 NAMES = {"pa-dann", "pa-cdan", "pa-mcc", "pa-bnm", "pa-atdoc", "pa-mcd", "pa-mmd", "pa-jmmd", "pa-coral"}
 
 
@@ -100,7 +111,7 @@ def test_grl_weight_reaches_the_gradient_reversal_layer(registry):
     """pa-dann's grl_weight is pytorch-adapt's gradient_reversal_weight: a
     different weight trains a different model from the same seed; a tiny one
     leaves the classifier close to source-only training."""
-    task, split = make_task(registry, steps=40, batch_size=32)
+    task, split = make_task(registry, steps=25, batch_size=32)
     X = split.target_test.X
     a = registry.methods["pa-dann"](grl_weight=0.01).fit(task).predict_proba(X)
     b = registry.methods["pa-dann"](grl_weight=3.0).fit(task).predict_proba(X)

@@ -26,7 +26,8 @@ def test_new_plugin_installs_lists_checks_and_runs_in_a_suite(tmp_path):
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
          "--target", str(site), str(project)], capture_output=True, text=True, timeout=300)
     assert pip.returncode == 0, pip.stderr
-    env = {"PYTHONPATH": str(site) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # one torch thread: the tiny runs below are faster than on a contended pool
+    env = {"PYTHONPATH": str(site) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 
     assert "ent-min" not in {m["name"] for m in json.loads(run_cli("list", "methods", "--json").stdout)}
     listed = run_cli("list", "methods", "--json", env=env)
