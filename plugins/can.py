@@ -55,7 +55,7 @@ Simplified or changed, and why:
   class-aware source and target blocks (about 2x a source-only step) and
   adds the CDD kernels; each loop embeds up to 2000 source and all target
   samples.  Measured on the quick suite (concurrent runs on a shared 2-core
-  CPU): about 1.7x the source-only wall time on the CNN pairs, 3.8x on the
+  CPU): about 2x the source-only wall time on digits->mnist, 3-4x on the
   small-MLP pairs, where the CDD's many small tensor ops dominate.
 """
 

@@ -55,8 +55,8 @@ Simplified or changed, and why:
   separate passes).
 - Cost per step: student forward/backward on both batches, one teacher
   forward on the target batch and three augmentations.  Measured on the
-  quick suite (concurrent runs on a shared 2-core CPU): about 2.3x the
-  source-only wall time on the CNN pairs and 2.7x on the small-MLP pairs,
+  quick suite (concurrent runs on a shared 2-core CPU): about 2.6x the
+  source-only wall time on digits->mnist and 2-3x on the small-MLP pairs,
   where per-op overhead dominates.
 """
 
