@@ -64,7 +64,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
               f"(acc {b.extra_info['target_acc']:.3f} vs {rs['target_acc']:.3f}, {b.extra_info['steps']} steps)")
     if 1 in pool and 2 in pool:
         one, two = pool[1], pool[2]
-        w(f"quick suite, {one.extra_info['runs']} runs ({one.extra_info['seeds']} seed(s)): "
+        w(f"quick suite, {one.extra_info['runs']} runs ({one.extra_info['seeds']} seed(s); pairs "
+          f"{one.extra_info.get('pairs', 'all')}):")
+        w(f"  "
           f"1 worker {one.stats.median:.1f} s, 2 workers {two.stats.median:.1f} s wall -> "
           f"speed-up {one.stats.median / two.stats.median:.2f}x  "
           f"(cpu {one.extra_info['cpu_s']:.0f} s vs {two.extra_info['cpu_s']:.0f} s; "

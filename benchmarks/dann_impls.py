@@ -279,5 +279,5 @@ def missing(impl: str) -> str | None:
     need = {"pytorch-adapt": ["pytorch_adapt"], "skada": ["skada", "skorch"]}.get(impl, [])
     absent = [m for m in need if importlib.util.find_spec(m) is None]
     if absent:
-        return f"{impl} is not installed ({', '.join(absent)} missing); see benchmarks/README.md"
+        return f"{impl} is not installed ({', '.join(absent)} missing); see the README, section Benchmarks"
     return None

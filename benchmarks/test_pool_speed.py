@@ -1,8 +1,9 @@
 """Quick-suite wall time with 1 worker (the serial executor, torch's default
 threads) and 2 workers (the process pool, ``max(1, cores // 2)`` threads each).
 
-A subset of the quick suite keeps it reasonable: every pair and method, one
-seed (24 of its 72 runs); ``DABENCH_BENCH_SEEDS=3`` times the whole suite.
+A subset of the quick suite keeps it reasonable: by default every pair and
+method with one seed (24 of its 72 runs); ``DABENCH_BENCH_SEEDS=3`` times
+the whole suite, ``DABENCH_BENCH_PAIRS=a:b,c:d`` restricts the pairs.
 One round each: a sweep is minutes long, and its runs already average out.
 """
 
@@ -22,12 +23,13 @@ from dabench.suite import parse_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = int(os.environ.get("DABENCH_BENCH_SEEDS", "1"))
+PAIRS = [p for p in os.environ.get("DABENCH_BENCH_PAIRS", "").split(",") if p] or None
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_quick_suite_wall_time(benchmark, jobs, tmp_path):
     reg = get_registry()
-    suite = parse_suite(ROOT / "suites" / "quick.toml", reg).restrict(seeds=SEEDS)
+    suite = parse_suite(ROOT / "suites" / "quick.toml", reg).restrict(pairs=PAIRS, seeds=SEEDS)
     runs = len(suite.expand(reg))
     rounds = iter(range(100))
 
@@ -42,4 +44,5 @@ def test_quick_suite_wall_time(benchmark, jobs, tmp_path):
     after = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = sum((a.ru_utime + a.ru_stime) - (b.ru_utime + b.ru_stime) for a, b in zip(after, before))
     benchmark.extra_info.update(kind="pool", jobs=jobs, runs=runs, seeds=SEEDS, cpu_s=cpu,
+                                pairs=",".join(p.name for p in suite.pairs),
                                 loadavg=os.getloadavg()[0])

@@ -3,7 +3,7 @@
     dabench list methods|datasets|suites|validators|plugins [--json]
     dabench run SUITE [--results DIR] [--methods a,b] [--pairs x,y] [--seeds N]
                       [--device auto|cpu|cuda[:i]] [--retry-failed]
-                      [--jobs N] [--executor local|ray [--address ADDR]]
+                      [--jobs N] [--threads N] [--executor local|ray [--address ADDR]]
     dabench leaderboard DIR [--format md|csv|json|html] [--out FILE] [--validator NAME]
     dabench plugin check NAME|PATH      (the conformance kit, dabench.testing)
     dabench plugin new NAME [--dir DIR] (a ready plugin package)
@@ -187,7 +187,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         console.error(f"--device: {e}")
         return EXIT_BAD_INPUT
     try:
-        executor = make_executor(args.executor, device=device, jobs=args.jobs, address=args.address)
+        executor = make_executor(args.executor, device=device, jobs=args.jobs, address=args.address,
+                                 threads=args.threads)
     except ExecutorError as e:
         console.error(str(e))
         return EXIT_BAD_INPUT
@@ -325,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--jobs", type=_positive_int, metavar="N",
                      help="runs computed in parallel: N worker processes (local), at most N runs in flight (ray); "
                           "default 1 on CPU, one worker per visible GPU with --device cuda")
+    run.add_argument("--threads", type=_positive_int, metavar="N",
+                     help="torch threads per run (default: every core serially, cores // jobs in a pool, 1 on Ray); "
+                          "results are bit-for-bit reproducible for a given thread count")
     run.add_argument("--executor", choices=["local", "ray"], default="local",
                      help="local (serial or --jobs N processes) or ray (each run a Ray task; pip install dabench[ray])")
     run.add_argument("--address", metavar="ADDR",

@@ -29,8 +29,11 @@ Three executors:
   "dabench[ray]"``), imported only when this executor is used.
 
 Runs are deterministic for a seed and a torch thread count, so an executor
-changes where and when a run is computed, never its result (the tests check
-that serial, pool and Ray sweeps store the same keys and metrics).
+changes where and when a run is computed, not its result, as long as the
+runs get the same number of torch threads (``--threads``): CPU convolutions
+may round differently with another thread count (seen in the 8th digit of a
+validator score).  The tests check that serial, pool and Ray sweeps store the
+same keys and metrics.
 """
 
 from __future__ import annotations
@@ -190,18 +193,30 @@ def _run_in_worker(runner: "Runner", spec: "RunSpec", device: str) -> "RunResult
 
 
 class SerialExecutor:
-    """Every run in the driver process, in suite order."""
+    """Every run in the driver process, in suite order, with ``threads``
+    torch threads (default: torch's own default, all cores)."""
 
     name = "serial"
     workers = 1
 
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+
     def describe(self) -> str:
-        return "serial"
+        return "serial" + (f" ({self.threads} torch threads)" if self.threads else "")
 
     def map(self, runner: "Runner", specs: Sequence["RunSpec"], on_dispatch: OnDispatch) -> Iterator[Any]:
-        for spec in specs:
-            on_dispatch(spec, runner.device)
-            yield runner.run_one(spec)
+        import torch
+
+        before = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            for spec in specs:
+                on_dispatch(spec, runner.device)
+                yield runner.run_one(spec)
+        finally:
+            torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------ process pool
@@ -494,15 +509,17 @@ class RayExecutor:
 
 
 def make_executor(kind: str = "local", *, device: str = "cpu", jobs: int | None = None,
-                  address: str | None = None) -> Any:
+                  address: str | None = None, threads: int | None = None) -> Any:
     """The executor for the CLI options ``--executor``, ``--jobs``, ``--address``.
 
     ``local`` with ``jobs`` of ``None``/1 on CPU (or on one ``cuda:k``) is the
     serial executor; more jobs, or ``--device cuda`` with more than one GPU
     visible, is a process pool (one worker per GPU by default).
     """
+    if threads is not None and threads < 1:
+        raise ExecutorError(f"--threads must be a positive integer, got {threads}")
     if kind == "ray":
-        return RayExecutor(device=device, address=address, max_in_flight=jobs)
+        return RayExecutor(device=device, address=address, max_in_flight=jobs, cpus_per_run=threads or 1)
     if kind != "local":
         raise ExecutorError(f"unknown executor {kind!r}: use 'local' or 'ray'")
     if address:
@@ -510,5 +527,5 @@ def make_executor(kind: str = "local", *, device: str = "cpu", jobs: int | None 
     gpus = _cuda_count() if device == "cuda" else 0
     devices = plan_devices(device, jobs, gpus)
     if len(devices) == 1:
-        return SerialExecutor()
-    return PoolExecutor(devices)
+        return SerialExecutor(threads)
+    return PoolExecutor(devices, threads=threads)

@@ -150,7 +150,8 @@ def test_pool_pins_workers_to_devices_and_a_dead_worker_loses_only_its_run(tmp_p
 
 
 def test_pool_stores_the_same_keys_and_metrics_as_serial(tmp_path):
-    s_sum, serial = _sweep(tmp_path, "serial", TINY_SUITE)
+    # same torch thread count per run as the pool's workers: results are then bit-for-bit equal
+    s_sum, serial = _sweep(tmp_path, "serial", TINY_SUITE, SerialExecutor(threads=threads_per_worker(2)))
     p_sum, pooled = _sweep(tmp_path, "pool", TINY_SUITE, PoolExecutor(["cpu", "cpu"]))
     assert len(serial) == 4 and s_sum.ok == p_sum.ok == 4
     assert pooled == serial  # same keys, same metrics and validator scores, bit for bit
@@ -252,7 +253,7 @@ def local_ray():
 
 @pytest.mark.skipif(not HAVE_RAY, reason='Ray is not installed (pip install "dabench[ray]")')
 def test_ray_stores_the_same_keys_and_metrics_as_the_local_executor(tmp_path, local_ray):
-    _, serial = _sweep(tmp_path, "serial", TINY_SUITE)
+    _, serial = _sweep(tmp_path, "serial", TINY_SUITE, SerialExecutor(threads=1))  # 1 CPU per Ray task
     summary, on_ray = _sweep(tmp_path, "ray", TINY_SUITE, RayExecutor(device="cpu"))
     assert summary.ok == 4 and summary.lost == 0
     assert on_ray == serial
