@@ -67,6 +67,8 @@ class Unavailable:
     reason: str
 
     def __str__(self) -> str:
+        if self.kind == "plugin" and self.name == self.plugin:
+            return f"plugin {self.plugin!r} is unavailable: {self.reason}"
         return f"{self.kind} {self.name!r} of plugin {self.plugin!r} is unavailable: {self.reason}"
 
 

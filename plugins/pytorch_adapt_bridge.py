@@ -45,7 +45,7 @@ and where that fails the bridge says so (``dabench list validators``).
 
 Install: ``pip install 'dabench[pytorch-adapt]'``, or without torchvision's
 CUDA wheels: ``pip install --no-deps pytorch-adapt==0.0.83 torchmetrics==0.9.3
-pytorch-metric-learning==1.6.3 'setuptools<81' tqdm`` (pytorch-adapt 0.0.83
+pytorch-metric-learning==1.6.3 'setuptools>=77.0.3,<81' tqdm`` (pytorch-adapt 0.0.83
 pins these; it imports ``pkg_resources``, gone from setuptools 81).  When
 pytorch-adapt is absent the bridge registers nothing and says why in
 ``dabench list plugins``.  pytorch-adapt is imported lazily, in ``fit``.
@@ -69,7 +69,7 @@ PA_VERSION = "0.0.83"
 #: Modules pytorch-adapt's hooks need at import time.
 REQUIRED = ("pytorch_adapt", "torchmetrics", "pytorch_metric_learning", "pkg_resources", "tqdm")
 INSTALL = ("pip install --no-deps pytorch-adapt==0.0.83 torchmetrics==0.9.3 pytorch-metric-learning==1.6.3 "
-           "'setuptools<81' tqdm")
+           "'setuptools>=77.0.3,<81' tqdm")
 
 
 def missing_modules() -> list[str]:

@@ -94,7 +94,12 @@ def test_cli_lists_methods_with_warnings_for_broken_plugins(messy_plugins_dir):
     assert r.returncode == 0, r.stderr
     assert "class-prior" in r.stdout and "dann" in r.stdout
     warn = [l for l in r.stderr.splitlines() if l.startswith("dabench: warning: plugin")]
-    assert len(warn) == 3, r.stderr
+    # one line per broken plugin in the folder (an optional built-in such as
+    # the pytorch-adapt bridge may add its own "unavailable" line where its
+    # extra is not installed; that one is not counted here)
+    messy = [l for l in warn if l.split("'")[1] in {"broken", "invalid", "dup"}]
+    assert len(messy) == 3, r.stderr
+    assert sorted(l.split("'")[1] for l in messy) == ["broken", "dup", "invalid"]
     assert "Traceback" not in r.stderr
 
 
