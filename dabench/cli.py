@@ -169,7 +169,7 @@ def _positive_int(text: str) -> int:
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from .executors import ExecutorError, make_executor
-    from .leaderboard import write_reports
+    from .leaderboard import LeaderboardError, write_reports
     from .runner import Runner
     from .store import RunStore, StoreError
     from .suite import SuiteError, parse_suite
@@ -251,8 +251,16 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         console.error(f"interrupted; {store.count()} runs are safely stored in {store.path}; "
                       f"rerun the same command to resume")
         return 130
-    paths = write_reports(results, results, validator=suite.validator, suite=suite.name)
     store.close()
+    try:
+        # the leaderboard of the whole suite as it is now (also the runs that
+        # --methods/--pairs/--seeds left out of this invocation, never stale points)
+        full = parse_suite(args.suite, reg)
+        paths = write_reports(results, results, validator=suite.validator, suite=suite.name,
+                              formats=("md", "csv", "html"), keys={s.key for s in full.expand(reg)})
+    except LeaderboardError as e:
+        console.error(f"the runs are stored, but the leaderboard could not be written: {e}")
+        return EXIT_BAD_INPUT
     console.info(f"done in {_fmt_time(summary.wall_time_s)}: {summary.ran} runs ({summary.ok} ok, "
                  f"{summary.failed} failed, {summary.skipped} skipped), {summary.already_done} already stored")
     for p in paths.values():

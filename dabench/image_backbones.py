@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from . import hookimpl
-from .backbones import _check_shape, _Unflatten
+from .backbones import _channels_last, _check_shape, _Unflatten
 from .data.core import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -70,7 +70,7 @@ def lenet_backbone(shape: tuple[int, ...]) -> tuple[nn.Module, int]:
     )
     d = _flat_dim(convs, (c, h, w))
     net = nn.Sequential(_Unflatten((c, h, w)), convs, nn.Linear(d, 500), nn.ReLU(), nn.Dropout(p=0.5))
-    return net, 500
+    return _channels_last(net), 500
 
 
 def dtn_backbone(shape: tuple[int, ...]) -> tuple[nn.Module, int]:
@@ -85,7 +85,7 @@ def dtn_backbone(shape: tuple[int, ...]) -> tuple[nn.Module, int]:
     d = _flat_dim(convs, (c, h, w))
     net = nn.Sequential(_Unflatten((c, h, w)), convs, nn.Linear(d, 512), nn.BatchNorm1d(512), nn.ReLU(),
                         nn.Dropout(0.5))
-    return net, 512
+    return _channels_last(net), 512
 
 
 def _torchvision_resnet(name: str) -> nn.Module:

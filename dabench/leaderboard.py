@@ -40,7 +40,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -215,17 +215,24 @@ def _columns(df: pd.DataFrame) -> pd.Series:
         variants = sorted(set(settings.loc[idx]))
         if len(variants) < 2:
             continue
-        flat: dict[tuple[str, str], dict[str, Any]] = {}
-        for v in variants:
-            proto, budget = v
+        def flat(v: tuple[str, str], parts: tuple[int, ...]) -> dict[str, Any]:
             d: dict[str, Any] = {}
-            for obj in (_json_obj(proto), _json_obj(budget)):
+            for i in parts:
+                obj = _json_obj(v[i])
                 if isinstance(obj, dict):
                     d.update({str(k): val for k, val in obj.items()})
-            flat[v] = d
+            return d
+
+        # name variants by their differing protocol keys when those tell them
+        # apart, else by the differing protocol and budget keys
+        for parts in ((0,), (0, 1)):
+            flats = {v: flat(v, parts) for v in variants}
+            suffixes = {v: _variant_suffix(flats[v], [flats[o] for o in variants if o != v]) for v in variants}
+            if all(suffixes.values()) and len(set(suffixes.values())) == len(variants):
+                break
         names: dict[tuple[str, str], str] = {}
         for v in variants:
-            suffix = _variant_suffix(flat[v], [flat[o] for o in variants if o != v]) or f"variant {variants.index(v) + 1}"
+            suffix = suffixes[v] or f"variant {variants.index(v) + 1}"
             names[v] = f"{pair} [{suffix}]"
         col.loc[idx] = settings.loc[idx].map(names)
     return col
@@ -711,7 +718,8 @@ def compute_leaderboard(
              "target_acc_std", "target_f1_mean", "source_acc_mean", "gap_mean", "gap_std", "gap_n",
              "forgetting_mean", "forgetting_n", "rank", "wall_time_s_mean", "peak_mem_mb_mean", "protocol", "budget"]
     cells = cells[order + ["nt_reference"]]
-    cells = _negative_transfer(cells, ok_runs, pair_ref, reference, available)
+    # keyed by column: one pair run under two protocols (e.g. shared and native) is two columns
+    cells = _negative_transfer(cells, ok_runs.assign(pair=ok_runs["column"]), pair_ref, reference, available)
 
     # ---- ranks per pair among ranked methods with a result
     has = (cells["status"] == "ok") & cells["ranked"] & cells["target_acc_mean"].notna()
@@ -795,8 +803,13 @@ def build_leaderboard(
     reference_method: str = "source-only",
     oracle_method: str = "target-oracle",
     suite: str | None = None,
+    keys: Collection[str] | None = None,
 ) -> Leaderboard:
-    """Read a results folder's run store and :func:`compute_leaderboard` it."""
+    """Read a results folder's run store and :func:`compute_leaderboard` it.
+
+    ``keys``, when given, keeps only the runs with those run keys (the runs
+    of a suite as it is now: stored runs of grid points since removed from
+    the suite are left out)."""
     from .store import RunStore
 
     store = RunStore(store_folder, create=False)
@@ -804,6 +817,9 @@ def build_leaderboard(
         rows = store.rows()
     finally:
         store.close()
+    if keys is not None:
+        wanted = set(keys)
+        rows = [r for r in rows if r["key"] in wanted]
     return compute_leaderboard(
         rows, validator, reference_method=reference_method, oracle_method=oracle_method, suite=suite
     )
@@ -1209,6 +1225,7 @@ def write_reports(
     reference_method: str = "source-only",
     oracle_method: str = "target-oracle",
     suite: str | None = None,
+    keys: Collection[str] | None = None,
 ) -> dict[str, Path]:
     """Write ``leaderboard.<fmt>`` for each of ``formats`` (``md``, ``csv``,
     ``json``, ``html``) into ``out_dir``; return ``{fmt: path}``."""
@@ -1216,7 +1233,8 @@ def write_reports(
     if unknown:
         raise LeaderboardError(f"unknown report format(s) {unknown}; choose from {sorted(_RENDERERS)}")
     board = build_leaderboard(
-        store_folder, validator, reference_method=reference_method, oracle_method=oracle_method, suite=suite
+        store_folder, validator, reference_method=reference_method, oracle_method=oracle_method, suite=suite,
+        keys=keys,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

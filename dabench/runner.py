@@ -158,10 +158,56 @@ def label_free_extras(predictor: Any, task: Task, n_classes: int) -> dict[str, f
     return extras
 
 
+class _MemoPredictor:
+    """A trained predictor whose ``predict_proba``/``embed`` results are kept
+    per input array, for one evaluation: the validators and the label-free
+    statistics ask for the same arrays (target train, source val) many times,
+    and a forward pass of a CNN over them costs more than everything else.
+    Every other attribute (e.g. ``importance_weights``) passes through."""
+
+    def __init__(self, predictor: Any) -> None:
+        self._inner = predictor
+        self._memo: dict[tuple, tuple[Any, np.ndarray]] = {}
+
+    def _joint(self) -> bool:
+        """Whether both outputs can come from one pass: a :class:`TorchPredictor`
+        whose ``predict_proba`` and ``embed`` are not overridden."""
+        from .training import TorchPredictor
+
+        t = type(self._inner)
+        return (isinstance(self._inner, TorchPredictor) and t.predict_proba is TorchPredictor.predict_proba
+                and t.embed is TorchPredictor.embed)
+
+    def _call(self, fn: str, X: Any, domain: str) -> np.ndarray:
+        key = (fn, id(X), domain)
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] is X:  # the array itself is kept, so its id is not reused
+            return hit[1].copy()
+        if self._joint():
+            p, z = self._inner.predict_proba_and_embed(X, domain=domain)
+            self._memo[("predict_proba", id(X), domain)] = (X, p)
+            self._memo[("embed", id(X), domain)] = (X, z)
+            out = p if fn == "predict_proba" else z
+        else:
+            out = np.asarray(getattr(self._inner, fn)(X, domain=domain))
+            self._memo[key] = (X, out)
+        return out.copy()
+
+    def predict_proba(self, X: Any, domain: str = "target") -> np.ndarray:
+        return self._call("predict_proba", X, domain)
+
+    def embed(self, X: Any, domain: str = "target") -> np.ndarray:
+        return self._call("embed", X, domain)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 def evaluate(predictor: Any, split: PairSplit, task: Task, validators: dict[str, Any]) -> tuple[dict, RunScores]:
     """Target/source metrics (with the host's labels) and the validator
     scores; the scores carry the run's label-free extras
     (:func:`label_free_extras`) to the store."""
+    predictor = _MemoPredictor(predictor)
     pt = _checked_proba(predictor, split.target_test.X, "target", split.n_classes)
     yhat = pt.argmax(1)
     metrics = {
@@ -177,18 +223,21 @@ def evaluate(predictor: Any, split: PairSplit, task: Task, validators: dict[str,
         if split.same_feature_space:
             raise
         metrics["source_acc"] = None
+    no_source = metrics["source_acc"] is None
     scores = RunScores()
     for name, v in sorted(validators.items()):
         try:
             s = float(v.score(predictor, task))
             scores[name] = s if math.isfinite(s) else None
         except Exception as exc:  # a broken validator must not fail the run
-            log.warning("validator %s failed on %s: %s", name, split.name, exc)
+            # a target-only model on a heterogeneous pair has no source side: validators
+            # that need one have no score there, which is expected, not worth a warning
+            (log.debug if no_source else log.warning)("validator %s failed on %s: %s", name, split.name, exc)
             scores[name] = None
     try:
         scores.extras = label_free_extras(predictor, task, split.n_classes)
     except Exception as exc:  # statistics for the warning must not fail the run
-        log.warning("label-free statistics failed on %s: %s", split.name, exc)
+        (log.debug if no_source else log.warning)("label-free statistics failed on %s: %s", split.name, exc)
     return metrics, scores
 
 

@@ -347,7 +347,9 @@ class TorchPredictor:
         (heterogeneous DA).
     :param classifier: maps features to class logits.
     :param device: where to run inference.
-    :param batch_size: rows per forward pass.
+    :param batch_size: rows per forward pass (default 128 on CPU, where
+        small batches stay in cache and run about twice as fast as 1024,
+        and 1024 on CUDA).
 
     Modules are put in eval mode; calls run under ``torch.no_grad()`` in
     batches and return NumPy arrays: ``predict_proba`` gives float64 rows that
@@ -360,7 +362,7 @@ class TorchPredictor:
         encoder: nn.Module | Mapping[str, nn.Module],
         classifier: nn.Module,
         device: str | torch.device = "cpu",
-        batch_size: int = 1024,
+        batch_size: int | None = None,
     ) -> None:
         self.device = torch.device(device)
         if isinstance(encoder, nn.Module):
@@ -372,6 +374,8 @@ class TorchPredictor:
                 raise ValueError(f"encoder dict keys must be among {DOMAINS}, got {sorted(encoders)}")
         self.encoders = {d: m.to(self.device).eval() for d, m in encoders.items()}
         self.classifier = classifier.to(self.device).eval()
+        if batch_size is None:
+            batch_size = 1024 if self.device.type == "cuda" else 128
         self.batch_size = int(batch_size)
 
     def _encoder(self, domain: str) -> nn.Module:
@@ -383,26 +387,39 @@ class TorchPredictor:
             raise ValueError(f"this predictor has no encoder for the {domain} domain") from None
 
     @torch.no_grad()
-    def _map(self, X: np.ndarray, domain: str, head: bool) -> np.ndarray:
+    def _map2(self, X: np.ndarray, domain: str, head: bool, features: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """One pass over ``X``: (probabilities if ``head``, embeddings if ``features``)."""
         enc = self._encoder(domain)
         X = np.asarray(X, dtype=np.float32)
         if X.ndim == 1:
             X = X[None, :]
         X = X.reshape(len(X), int(np.prod(X.shape[1:])))
-        outs = []
+        probs, feats = [], []
         for start in range(0, len(X), self.batch_size):
             xb = torch.from_numpy(np.array(X[start : start + self.batch_size], copy=True)).to(self.device)
             z = enc(xb)
+            if features:
+                feats.append(z.float().cpu())
             if head:
-                z = torch.softmax(self.classifier(z).float(), dim=1)
-            outs.append(z.float().cpu())
-        if not outs:
-            width = self._empty_width(enc, head)
-            return np.zeros((0, width), dtype=np.float64 if head else np.float32)
-        out = torch.cat(outs).numpy()
-        if not np.isfinite(out).all():
-            raise DivergedError(f"the model outputs non-finite {'probabilities' if head else 'embeddings'}: training diverged")
-        return out
+                probs.append(torch.softmax(self.classifier(z).float(), dim=1).cpu())
+        out: list[np.ndarray | None] = []
+        for want, parts, is_head in ((head, probs, True), (features, feats, False)):
+            if not want:
+                out.append(None)
+                continue
+            if not parts:
+                out.append(np.zeros((0, self._empty_width(enc, is_head)), dtype=np.float64 if is_head else np.float32))
+                continue
+            a = torch.cat(parts).numpy()
+            if not np.isfinite(a).all():
+                raise DivergedError(
+                    f"the model outputs non-finite {'probabilities' if is_head else 'embeddings'}: training diverged")
+            out.append(a)
+        return out[0], out[1]
+
+    def _map(self, X: np.ndarray, domain: str, head: bool) -> np.ndarray:
+        p, z = self._map2(X, domain, head=head, features=not head)
+        return p if head else z
 
     def _empty_width(self, enc: nn.Module, head: bool) -> int:
         last = [m for m in (self.classifier if head else enc).modules() if isinstance(m, nn.Linear)]
@@ -410,13 +427,22 @@ class TorchPredictor:
 
     def predict_proba(self, X: np.ndarray, domain: str = "target") -> np.ndarray:
         """Class probabilities, shape ``(n, n_classes)``, rows summing to 1."""
-        p = self._map(X, domain, head=True).astype(np.float64)
+        return self._normalise(self._map(X, domain, head=True))
+
+    @staticmethod
+    def _normalise(p: np.ndarray) -> np.ndarray:
+        p = p.astype(np.float64)
         p /= p.sum(axis=1, keepdims=True) if len(p) else 1.0
         return p
 
     def embed(self, X: np.ndarray, domain: str = "target") -> np.ndarray:
         """Encoder features, shape ``(n, d)``."""
         return self._map(X, domain, head=False)
+
+    def predict_proba_and_embed(self, X: np.ndarray, domain: str = "target") -> tuple[np.ndarray, np.ndarray]:
+        """``(predict_proba(X), embed(X))`` from one forward pass of the encoder."""
+        p, z = self._map2(X, domain, head=True, features=True)
+        return self._normalise(p), z
 
 
 # --------------------------------------------------------------------------

@@ -364,6 +364,31 @@ def test_warning_without_extras_is_missing_not_wrong(board):
     assert "## Label-free negative-transfer warning" in to_markdown(board)
 
 
+def test_negative_transfer_per_protocol_variant_of_one_pair():
+    """One pair run under two protocols (shared, and native with k labels) is two
+    columns; each column's verdict pairs the method with that column's own
+    reference runs (source-only / target-only-k), never the other variant's."""
+    rows = []
+    shared = canonical_json({"k_target": 0, "feature_space": "shared"})
+    native = canonical_json({"k_target": 3, "feature_space": "native"})
+    for seed in range(3):
+        for proto, method, acc in ((shared, "source-only", 0.50), (shared, "dann", 0.30),
+                                   (native, "target-only-k", 0.60), (native, "stn", 0.70)):
+            r = _record(P1, method, 0, seed, {}, tacc=acc + 0.01 * seed * (method in ("dann", "stn")), sacc=0.9)
+            r["protocol"] = proto
+            r["key"] = f"{method}{seed}"
+            rows.append(r)
+    b = compute_leaderboard(rows)
+    (col_shared,) = [c for c in b.pairs if "feature_space=shared" in c]
+    (col_native,) = [c for c in b.pairs if "feature_space=native" in c]
+    assert b.cell("dann", col_shared)["nt_reference"] == "source-only"
+    assert b.cell("dann", col_shared)["nt_flag"] == "negative transfer"
+    assert b.cell("dann", col_shared)["nt_n"] == 3
+    assert b.cell("stn", col_native)["nt_reference"] == "target-only-k"
+    assert b.cell("stn", col_native)["nt_flag"] == "better"
+    assert b.cell("stn", col_native)["nt_n"] == 3
+
+
 def test_reference_is_target_only_k_with_labelled_target_samples():
     rows = []
     for seed in range(3):
