@@ -2,7 +2,7 @@
 threads) and 2 workers (the process pool, ``max(1, cores // 2)`` threads each).
 
 A subset of the quick suite keeps it reasonable: by default every pair and
-method with one seed (24 of its 72 runs); ``DABENCH_BENCH_SEEDS=3`` times
+method with one seed (105 of its 315 runs); ``DABENCH_BENCH_SEEDS=3`` times
 the whole suite, ``DABENCH_BENCH_PAIRS=a:b,c:d`` restricts the pairs.
 One round each: a sweep is minutes long, and its runs already average out.
 """
