@@ -36,7 +36,8 @@ def test_quick_suite_wall_time(benchmark, jobs, tmp_path):
     def sweep() -> None:
         with RunStore(tmp_path / f"r{next(rounds)}") as st:
             summary = Runner(reg, st, device="cpu").run(suite, executor=make_executor("local", device="cpu", jobs=jobs))
-        assert summary.ok == runs
+        # every run computed (ok, failed or skipped by its method), none lost by a worker
+        assert summary.ok + summary.failed + summary.skipped == runs and summary.ok > 0, summary
 
     before = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     benchmark.group = "quick suite"
