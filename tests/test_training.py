@@ -94,3 +94,41 @@ def test_predictor_outputs_probabilities_and_per_domain_encoders():
         head.weight.fill_(float("nan"))
     with pytest.raises(DivergedError):
         pred.predict_proba(np.random.rand(3, 6), "target")
+
+
+def test_one_pass_for_proba_and_embedding_and_memoised_evaluation():
+    """``predict_proba_and_embed`` equals the two separate calls, and the
+    evaluation wrapper runs the encoder once per (array, domain), however many
+    validators ask for it."""
+    from dabench.runner import _MemoPredictor
+
+    calls = []
+
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(len(x))
+            return torch.relu(self.lin(x))
+
+    torch.manual_seed(0)
+    pred = TorchPredictor(Counting(), nn.Linear(3, 2), batch_size=7)
+    X = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
+    p, z = pred.predict_proba_and_embed(X)
+    np.testing.assert_array_equal(p, pred.predict_proba(X))
+    np.testing.assert_array_equal(z, pred.embed(X))
+    assert p.dtype == np.float64 and np.allclose(p.sum(1), 1.0)
+
+    calls.clear()
+    memo = _MemoPredictor(pred)
+    for _ in range(3):
+        np.testing.assert_array_equal(memo.predict_proba(X), p)
+        np.testing.assert_array_equal(memo.embed(X), z)
+    assert sum(calls) == len(X)  # one pass over X (in batches of 7) for all six calls
+    memo.predict_proba(X, domain="source")
+    assert sum(calls) == 2 * len(X)  # another domain is another pass
+    out = memo.predict_proba(X)
+    out[:] = 0  # callers get copies: the memo cannot be corrupted
+    np.testing.assert_array_equal(memo.predict_proba(X), p)
