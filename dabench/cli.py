@@ -167,6 +167,20 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _result_line(r: Any, with_device: bool = False) -> str:
+    """``ok: target acc 0.912, source acc 0.990 (1.2 s)`` or ``failed: reason``.
+    A metric may be missing (a target-only model on a heterogeneous pair has
+    no source accuracy): it reads ``n/a``."""
+    if r.status != "ok":
+        return f"{r.status}: {r.reason}"
+
+    def acc(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    where = f" on {r.device}" if with_device else ""
+    return f"ok: target acc {acc(r.target_acc)}, source acc {acc(r.source_acc)} ({r.wall_time_s:.1f} s{where})"
+
+
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from .executors import ExecutorError, make_executor
     from .leaderboard import LeaderboardError, write_reports
@@ -216,12 +230,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
                 eta = _fmt_time(el / done * (todo - done))
                 if kind == "run_lost":
                     what = f"LOST: {ev['reason']} (not stored; rerun to compute it)"
-                elif ev["result"].status == "ok":
-                    r = ev["result"]
-                    what = (f"ok: target acc {r.target_acc:.3f}, source acc {r.source_acc:.3f} "
-                            f"({r.wall_time_s:.1f} s on {r.device})")
                 else:
-                    what = f"{ev['result'].status}: {ev['result'].reason}"
+                    what = _result_line(ev["result"], with_device=True)
                 console.info(f"[{done}/{todo}] {label(ev['spec'])} · {what} · elapsed {_fmt_time(el)} · "
                              f"remaining ~{eta}")
         elif kind == "run_start":
@@ -231,13 +241,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             console.info(f"[{done + 1}/{todo}] {s.pair.name.replace(':', '→')} · {s.method}"
                          f"{f' #{s.point}' if s.point else ''} · seed {s.seed} · elapsed {_fmt_time(el)} · remaining {eta}")
         elif kind == "run_end":
-            r = ev["result"]
-            if r.status == "ok":
-                src = "n/a" if r.source_acc is None else f"{r.source_acc:.3f}"
-                console.info(f"      ok: target acc {r.target_acc:.3f}, source acc {src} "
-                             f"({r.wall_time_s:.1f} s)")
-            else:
-                console.info(f"      {r.status}: {r.reason}")
+            console.info(f"      {_result_line(ev['result'])}")
 
     store.set_meta("validator", suite.validator)
     runner = Runner(reg, store, device=device, data_root=args.data_root, on_event=on_event,

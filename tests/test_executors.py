@@ -231,6 +231,31 @@ def test_cli_rejects_bad_executor_options(tmp_path):
     assert not (tmp_path / "r").exists()  # nothing created on bad input
 
 
+NATIVE_SUITE = """
+name = "native"
+seeds = 2
+pairs = [{ pair = "digits:mnist", protocol = { feature_space = "native", k_target = 1 } }]
+
+[budget]
+steps = 5
+batch_size = 16
+
+[methods.target-only-k]
+"""
+
+
+@pytest.mark.parametrize("jobs", [None, "2"])
+def test_cli_progress_shows_a_missing_source_accuracy_as_n_a(tmp_path, jobs):
+    """A target-only model on a heterogeneous pair has no source accuracy: the
+    progress line says n/a (serial and pool), the sweep finishes."""
+    suite = write(tmp_path / "s.toml", NATIVE_SUITE)
+    args = ["run", str(suite), "--results", str(tmp_path / "r"), "--device", "cpu"] + (["--jobs", jobs] if jobs else [])
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.count("source acc n/a") == 2, r.stderr
+
+
 def test_ray_missing_gives_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` fail
     with pytest.raises(ExecutorError, match=r'pip install "dabench\[ray\]"'):
