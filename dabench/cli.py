@@ -225,11 +225,13 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             if not serial and ev["todo"]:
                 console.info(f"executor: {executor.describe()}")
         elif not serial:  # runs finish out of order: one line per finished run
-            if kind in ("run_end", "run_lost"):
+            if kind in ("run_end", "run_lost", "run_no_data"):
                 done, todo, el = ev["index"] + 1, ev["todo"], ev["elapsed"]
                 eta = _fmt_time(el / done * (todo - done))
                 if kind == "run_lost":
                     what = f"LOST: {ev['reason']} (not stored; rerun to compute it)"
+                elif kind == "run_no_data":
+                    what = _no_data_line(ev)
                 else:
                     what = _result_line(ev["result"], with_device=True)
                 console.info(f"[{done}/{todo}] {label(ev['spec'])} · {what} · elapsed {_fmt_time(el)} · "
@@ -242,6 +244,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
                          f"{f' #{s.point}' if s.point else ''} · seed {s.seed} · elapsed {_fmt_time(el)} · remaining {eta}")
         elif kind == "run_end":
             console.info(f"      {_result_line(ev['result'])}")
+        elif kind == "run_no_data":
+            console.info(f"      {_no_data_line(ev)}")
 
     store.set_meta("validator", suite.validator)
     runner = Runner(reg, store, device=device, data_root=args.data_root, on_event=on_event,
@@ -255,7 +259,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         console.error(f"interrupted; {store.count()} runs are safely stored in {store.path}; "
                       f"rerun the same command to resume")
         return 130
+    stored = store.count()
     store.close()
+    paths: dict = {}
     try:
         # the leaderboard of the whole suite as it is now (also the runs that
         # --methods/--pairs/--seeds left out of this invocation, never stale points)
@@ -263,8 +269,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         paths = write_reports(results, results, validator=suite.validator, suite=suite.name,
                               formats=("md", "csv", "html"), keys={s.key for s in full.expand(reg)})
     except LeaderboardError as e:
-        console.error(f"the runs are stored, but the leaderboard could not be written: {e}")
-        return EXIT_BAD_INPUT
+        if not (summary.no_data and not stored):  # with no data and no runs there is nothing to report
+            console.error(f"the runs are stored, but the leaderboard could not be written: {e}")
+            return EXIT_BAD_INPUT
     console.info(f"done in {_fmt_time(summary.wall_time_s)}: {summary.ran} runs ({summary.ok} ok, "
                  f"{summary.failed} failed, {summary.skipped} skipped), {summary.already_done} already stored")
     for p in paths.values():
@@ -275,7 +282,21 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     if summary.failed:
         console.warn(f"{summary.failed} runs failed; their reasons are in the leaderboard; "
                      f"`--retry-failed` reruns them")
+    if summary.no_data:
+        console.error(f"{summary.no_data} runs did not run because their data is missing or fails its checks "
+                      f"(nothing was stored for them; rerun the same command once the data is there):")
+        for reason, pairs in summary.missing_data.items():
+            console.error(f"  pair(s) {', '.join(pairs)}: {reason}")
+        return 1
     return 0
+
+
+def _no_data_line(ev: dict) -> str:
+    """What the progress shows for a run whose data is missing: the whole
+    message the first time, a pointer to it afterwards."""
+    if ev["first"]:
+        return f"not run: {ev['reason']}"
+    return "not run: its data is missing (see the message above; repeated at the end)"
 
 
 # ------------------------------------------------------------------ leaderboard

@@ -31,7 +31,7 @@ import numpy as np
 
 from . import __version__
 from .contract import Task
-from .data.core import DomainSpec, PairSplit, check_domain_arrays, make_split
+from .data.core import DataError, DomainSpec, PairSplit, check_domain_arrays, make_split
 from .plugins import Registry
 from .store import RunScores, RunStore, canonical_json
 from .suite import RunSpec, Suite
@@ -51,6 +51,9 @@ class RunResult:
     wall_time_s: float = 0.0
     peak_mem_mb: float | None = None
     device: str | None = None  # where it ran (None: the runner's device)
+    #: the pair's data is missing or fails its checks (a DataError): the run
+    #: is reported but not stored, so that it runs once the data is there
+    data_error: bool = False
 
 
 @dataclass
@@ -62,6 +65,9 @@ class Summary:
     failed: int = 0
     skipped: int = 0
     lost: int = 0  # runs whose worker died: not stored, a rerun computes them
+    no_data: int = 0  # runs whose data is missing: not stored (see ``missing_data``)
+    #: the distinct data errors, each with the pairs it stopped
+    missing_data: dict[str, list[str]] = field(default_factory=dict)
     wall_time_s: float = 0.0
 
 
@@ -294,6 +300,8 @@ class Runner:
         t0 = time.perf_counter()
         try:
             split = self.split(spec)
+        except DataError as exc:  # missing/corrupt files: not the method's failure, not stored
+            return RunResult(spec, "failed", str(exc), device=device, data_error=True)
         except Exception as exc:
             return RunResult(spec, "failed", f"data: {_reason(exc)}", wall_time_s=time.perf_counter() - t0,
                              device=device)
@@ -357,7 +365,9 @@ class Runner:
         ``run_start`` when a run is handed to a worker (index in dispatch
         order, spec, device), ``run_end`` when its result is stored (index =
         number of results so far - 1, result), ``run_lost`` when its worker
-        died (it is not stored), ``end`` (summary).
+        died (it is not stored), ``run_no_data`` when its pair's data is
+        missing or fails its checks (not stored; ``first`` is true the first
+        time this error is seen), ``end`` (summary).
         """
         from .executors import LostRun, SerialExecutor
 
@@ -376,7 +386,7 @@ class Runner:
         def dispatched(spec: RunSpec, device: str) -> None:
             started[spec.key] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             self.on_event("run_start", index=len(started) - 1, todo=len(todo), spec=spec, device=device,
-                          elapsed=time.perf_counter() - t_start, completed=summary.ran + summary.lost)
+                          elapsed=time.perf_counter() - t_start, completed=summary.ran + summary.lost + summary.no_data)
 
         for result in executor.map(self, todo, dispatched):
             spec = result.spec
@@ -384,8 +394,18 @@ class Runner:
                 summary.lost += 1
                 log.warning("run %s lost (%s); it is not stored, rerun the sweep to compute it",
                             spec.key[:12], result.reason)
-                self.on_event("run_lost", index=summary.ran + summary.lost - 1, todo=len(todo), spec=spec,
+                self.on_event("run_lost", index=summary.ran + summary.lost + summary.no_data - 1, todo=len(todo), spec=spec,
                               reason=result.reason, elapsed=time.perf_counter() - t_start)
+                continue
+            if result.data_error:
+                summary.no_data += 1
+                pairs = summary.missing_data.setdefault(result.reason or "", [])
+                first = not pairs
+                if spec.pair.name not in pairs:
+                    pairs.append(spec.pair.name)
+                self.on_event("run_no_data", index=summary.ran + summary.lost + summary.no_data - 1,
+                              todo=len(todo), spec=spec, reason=result.reason, first=first,
+                              elapsed=time.perf_counter() - t_start)
                 continue
             rec = self.record(result, started.get(spec.key) or datetime.now(timezone.utc).isoformat(timespec="seconds"))
             self.store.write(rec, result.scores)
@@ -396,7 +416,7 @@ class Runner:
                 self.registry.pm.hook.dabench_run_finished(record=hook_rec) if self.registry.pm else None
             except Exception as exc:
                 log.warning("a dabench_run_finished hook failed (ignored): %s", _reason(exc))
-            self.on_event("run_end", index=summary.ran + summary.lost - 1, todo=len(todo), spec=spec,
+            self.on_event("run_end", index=summary.ran + summary.lost + summary.no_data - 1, todo=len(todo), spec=spec,
                           result=result, elapsed=time.perf_counter() - t_start)
         summary.wall_time_s = time.perf_counter() - t_start
         self.on_event("end", summary=summary)

@@ -620,3 +620,37 @@ def test_pairs_may_override_the_backbone(registry, tmp_path):
     assert len({s.key for s in specs}) == 2
     with pytest.raises(SuiteError, match="unknown backbone"):
         parse_suite(_suite(tmp_path, '{ pair = "svhn:mnist-full", backbone = "nope" }'), registry)
+
+
+@pytest.mark.parametrize("jobs", [None, "2"])
+def test_run_with_missing_data_says_so_once_per_dataset_and_stores_nothing(tmp_path, jobs):
+    """A suite whose data is absent: each dataset's message (file, place, the
+    download command) once in the progress and once at the end, exit 1, and
+    no run stored, so that the same command runs them once the data is there
+    (no --retry-failed needed)."""
+    import sqlite3
+
+    suite = write(tmp_path / "s.toml", """
+        name = "nodata"
+        seeds = 2
+        backbone = "lenet"
+        pairs = ["mnist-full:usps", "usps:mnist-full"]
+        [budget]
+        steps = 4
+        batch_size = 8
+        [methods.source-only]
+        [methods.dann]
+        """)
+    empty, results = tmp_path / "empty", tmp_path / "results"
+    empty.mkdir()
+    args = ["run", str(suite), "--results", str(results), "--data-root", str(empty), "--device", "cpu"]
+    r = run_cli(*args, *(["--jobs", jobs] if jobs else []))
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "8 runs did not run because their data is missing" in r.stderr
+    for name, n in (("mnist", 4), ("usps", 2)):
+        msg = f"dataset '{name}': {n} of {n} file(s) missing"
+        assert r.stderr.count(msg) == 2, r.stderr  # first time in the progress, then in the summary
+        assert f"dabench data download {name} --data-root {empty}" in r.stderr
+    with sqlite3.connect(results / "runs.sqlite") as con:
+        assert con.execute("SELECT COUNT(*) FROM runs").fetchone() == (0,)

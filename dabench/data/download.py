@@ -803,7 +803,9 @@ def require_file(dataset: str, filename: str, data_root: str | os.PathLike | Dat
     f = _find_file(ds, filename)
     st = check_file(ds, f, root, use_memo=True)
     if st.state == "missing":
-        raise _missing_error(ds, [f], root)
+        # name every absent file of the dataset, not only the first one a loader asked for
+        absent = [g for g in ds.files if g is f or not (root.path / ds.name / g.name).is_file()]
+        raise _missing_error(ds, absent, root)
     if st.state == "bad":
         raise DataError(f"dataset {ds.name!r}: {st.message}; "
                         + (f"run `{root.command(ds.name)}` to fetch a good copy" if file_urls(ds, f)
