@@ -150,6 +150,41 @@ class WorkerConfig:
 _WORKER_RUNNERS: dict[WorkerConfig, "Runner"] = {}
 
 
+#: environment variables that size the BLAS/OpenMP thread pools of a new process
+_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _set_thread_env(threads: int | None) -> dict[str, str | None]:
+    """Set :data:`_THREAD_ENV` to ``threads`` (read by a BLAS/OpenMP library
+    when it loads, in this process or a child); return the old values."""
+    saved = {k: os.environ.get(k) for k in _THREAD_ENV}
+    if threads is not None:
+        os.environ.update({k: str(int(threads)) for k in _THREAD_ENV})
+    return saved
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def limit_blas_threads(threads: int | None) -> None:
+    """Cap the BLAS/OpenMP thread pools loaded in this process (NumPy's,
+    SciPy's, scikit-learn's OpenMP) at ``threads``, as torch's are: their
+    reductions also round differently with another thread count, so a run's
+    result would depend on the executor (Ray caps them at 1 for its tasks).
+    Called before every run: a run may load a library (SciPy's OpenBLAS) the
+    previous one did not."""
+    if threads is None:
+        return
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=int(threads))
+
+
 def _set_threads(threads: int | None) -> None:
     if threads is None:
         return
@@ -160,6 +195,7 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set, or parallel work already ran
         pass
+    limit_blas_threads(threads)
 
 
 def worker_runner(config: WorkerConfig) -> "Runner":
@@ -180,10 +216,11 @@ def worker_runner(config: WorkerConfig) -> "Runner":
     return runner
 
 
-def _run_in_worker(runner: "Runner", spec: "RunSpec", device: str) -> "RunResult":
+def _run_in_worker(runner: "Runner", spec: "RunSpec", device: str, threads: int | None = None) -> "RunResult":
     from .runner import RunResult, _reason
 
     try:
+        limit_blas_threads(threads)
         return runner.run_one(spec, device=device)
     except Exception as exc:  # run_one keeps method errors; this is anything else
         return RunResult(spec, "failed", f"worker: {_reason(exc)}", device=device)
@@ -208,15 +245,23 @@ class SerialExecutor:
     def map(self, runner: "Runner", specs: Sequence["RunSpec"], on_dispatch: OnDispatch) -> Iterator[Any]:
         import torch
 
+        from threadpoolctl import threadpool_limits
+
         before = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)
+        blas = threadpool_limits(limits=self.threads) if self.threads else None
+        saved_env = _set_thread_env(self.threads)  # for libraries a run loads later
         try:
             for spec in specs:
                 on_dispatch(spec, runner.device)
+                limit_blas_threads(self.threads)
                 yield runner.run_one(spec)
         finally:
             torch.set_num_threads(before)
+            if blas is not None:
+                blas.restore_original_limits()
+            _restore_env(saved_env)
 
 
 # ------------------------------------------------------------------ process pool
@@ -247,7 +292,7 @@ def _pool_worker(conn: Connection, config: WorkerConfig, device: str) -> None:
         if msg is None:
             return
         spec, run_device = msg
-        result = _run_in_worker(runner, spec, run_device)
+        result = _run_in_worker(runner, spec, run_device, config.threads)
         try:
             conn.send(("result", result))
         except (BrokenPipeError, OSError):
@@ -322,6 +367,9 @@ class PoolExecutor:
         ctx = mp.get_context(self.start_method)
         config = WorkerConfig.of(runner, self.threads)
         pending: deque = deque(specs)
+        # workers inherit these: a BLAS/OpenMP library loaded in the middle of a
+        # run starts with the same thread count as the ones loaded before
+        saved_env = _set_thread_env(self.threads)
         workers = [_Worker(ctx, config, d, i) for i, d in enumerate(self.devices[: len(specs)])]
         restarts = 0
         try:
@@ -376,6 +424,7 @@ class PoolExecutor:
                     w.kill()  # interrupted mid-run: do not wait for it
                 else:
                     w.stop()
+            _restore_env(saved_env)
 
     @staticmethod
     def _pick(pending: deque, split_key: tuple | None) -> "RunSpec":
@@ -410,7 +459,7 @@ def _ray_task(config: WorkerConfig, spec: "RunSpec", device: str) -> "RunResult"
     run_device = device
     if device.startswith("cuda"):
         run_device = "cuda:0"  # Ray restricts CUDA_VISIBLE_DEVICES to the task's GPU
-    result = _run_in_worker(runner, spec, run_device)
+    result = _run_in_worker(runner, spec, run_device, config.threads)
     if device.startswith("cuda"):
         import ray
 

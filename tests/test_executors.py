@@ -99,9 +99,13 @@ class Where(Method):
     hyperparameters = {{"die_on_seed": Int(-1, -1, 100)}}
 
     def fit(self, task):
+        import scipy.linalg  # noqa: F401 - loads SciPy's own BLAS, as scikit-learn estimators do mid-run
+        from threadpoolctl import threadpool_info
+
+        blas = sorted({{i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}})
         with open(LOG, "a") as f:
             f.write(json.dumps({{"pid": os.getpid(), "device": task.device, "seed": task.seed,
-                                 "threads": torch.get_num_threads()}}) + "\\n")
+                                 "threads": torch.get_num_threads(), "blas": blas}}) + "\\n")
         if task.seed == self.die_on_seed:
             os.kill(os.getpid(), 9)  # the worker dies mid-run
         return _Uniform(task.n_classes)
@@ -142,6 +146,8 @@ def test_pool_pins_workers_to_devices_and_a_dead_worker_loses_only_its_run(tmp_p
         assert len({x["device"] for x in logged if x["pid"] == pid}) == 1
     assert {x["device"] for x in logged} == {"fake:0", "fake:1"}
     assert {x["threads"] for x in logged} == {threads_per_worker(2)}
+    # BLAS pools too (NumPy's and SciPy's): their rounding also depends on the thread count
+    assert all(x["blas"] == [threads_per_worker(2)] for x in logged), logged
     by_seed = {x["seed"]: x["device"] for x in logged if x["seed"] != 2}
     with RunStore(tmp_path / "res") as st:
         # only the driver wrote: every finished run once, with the device it ran on
@@ -155,6 +161,16 @@ def test_pool_stores_the_same_keys_and_metrics_as_serial(tmp_path):
     p_sum, pooled = _sweep(tmp_path, "pool", TINY_SUITE, PoolExecutor(["cpu", "cpu"]))
     assert len(serial) == 4 and s_sum.ok == p_sum.ok == 4
     assert pooled == serial  # same keys, same metrics and validator scores, bit for bit
+
+
+def test_serial_threads_cap_torch_and_blas_for_each_run(tmp_path):
+    log = tmp_path / "where.jsonl"
+    pdir = write(tmp_path / "p" / "where.py", WHERE.format(log=str(log))).parent
+    text = WHERE_SUITE.format(die=-1).replace("seeds = 6", "seeds = 2")
+    summary, _ = _sweep(tmp_path, "res", text, SerialExecutor(threads=1), plugins_dir=pdir)
+    assert summary.ok == 2
+    logged = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [(x["threads"], x["blas"]) for x in logged] == [(1, [1]), (1, [1])]
 
 
 def _children(pid: int) -> set[int]:
