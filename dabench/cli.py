@@ -191,7 +191,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
     reg = _registry(args, console)
     try:
-        suite = parse_suite(args.suite, reg).restrict(_split_list(args.methods), _split_list(args.pairs), args.seeds)
+        full = parse_suite(args.suite, reg)
+        suite = full.restrict(_split_list(args.methods), _split_list(args.pairs), args.seeds)
     except SuiteError as e:
         console.error(str(e))
         return EXIT_BAD_INPUT
@@ -265,7 +266,6 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     try:
         # the leaderboard of the whole suite as it is now (also the runs that
         # --methods/--pairs/--seeds left out of this invocation, never stale points)
-        full = parse_suite(args.suite, reg)
         paths = write_reports(results, results, validator=suite.validator, suite=suite.name,
                               formats=("md", "csv", "html"), keys={s.key for s in full.expand(reg)})
     except LeaderboardError as e:

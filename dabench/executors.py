@@ -172,16 +172,17 @@ def _restore_env(saved: dict[str, str | None]) -> None:
 
 
 def limit_blas_threads(threads: int | None) -> None:
-    """Cap the BLAS/OpenMP thread pools loaded in this process (NumPy's,
-    SciPy's, scikit-learn's OpenMP) at ``threads``, as torch's are: their
-    reductions also round differently with another thread count, so a run's
-    result would depend on the executor (Ray caps them at 1 for its tasks).
-    Called before every run: a run may load a library (SciPy's OpenBLAS) the
-    previous one did not."""
+    """Cap this process's BLAS/OpenMP thread pools (NumPy's, SciPy's,
+    scikit-learn's OpenMP) at ``threads``, as torch's are: their reductions
+    also round differently with another thread count, so a run's result
+    would depend on the executor (Ray caps them at 1 for its tasks).  The
+    pools loaded now are capped by threadpoolctl; one a run loads later
+    (SciPy's OpenBLAS) reads the environment this sets."""
     if threads is None:
         return
     from threadpoolctl import threadpool_limits
 
+    _set_thread_env(threads)
     threadpool_limits(limits=int(threads))
 
 
@@ -216,11 +217,10 @@ def worker_runner(config: WorkerConfig) -> "Runner":
     return runner
 
 
-def _run_in_worker(runner: "Runner", spec: "RunSpec", device: str, threads: int | None = None) -> "RunResult":
+def _run_in_worker(runner: "Runner", spec: "RunSpec", device: str) -> "RunResult":
     from .runner import RunResult, _reason
 
     try:
-        limit_blas_threads(threads)
         return runner.run_one(spec, device=device)
     except Exception as exc:  # run_one keeps method errors; this is anything else
         return RunResult(spec, "failed", f"worker: {_reason(exc)}", device=device)
@@ -255,7 +255,6 @@ class SerialExecutor:
         try:
             for spec in specs:
                 on_dispatch(spec, runner.device)
-                limit_blas_threads(self.threads)
                 yield runner.run_one(spec)
         finally:
             torch.set_num_threads(before)
@@ -292,7 +291,7 @@ def _pool_worker(conn: Connection, config: WorkerConfig, device: str) -> None:
         if msg is None:
             return
         spec, run_device = msg
-        result = _run_in_worker(runner, spec, run_device, config.threads)
+        result = _run_in_worker(runner, spec, run_device)
         try:
             conn.send(("result", result))
         except (BrokenPipeError, OSError):
@@ -367,9 +366,6 @@ class PoolExecutor:
         ctx = mp.get_context(self.start_method)
         config = WorkerConfig.of(runner, self.threads)
         pending: deque = deque(specs)
-        # workers inherit these: a BLAS/OpenMP library loaded in the middle of a
-        # run starts with the same thread count as the ones loaded before
-        saved_env = _set_thread_env(self.threads)
         workers = [_Worker(ctx, config, d, i) for i, d in enumerate(self.devices[: len(specs)])]
         restarts = 0
         try:
@@ -424,7 +420,6 @@ class PoolExecutor:
                     w.kill()  # interrupted mid-run: do not wait for it
                 else:
                     w.stop()
-            _restore_env(saved_env)
 
     @staticmethod
     def _pick(pending: deque, split_key: tuple | None) -> "RunSpec":
@@ -459,7 +454,7 @@ def _ray_task(config: WorkerConfig, spec: "RunSpec", device: str) -> "RunResult"
     run_device = device
     if device.startswith("cuda"):
         run_device = "cuda:0"  # Ray restricts CUDA_VISIBLE_DEVICES to the task's GPU
-    result = _run_in_worker(runner, spec, run_device, config.threads)
+    result = _run_in_worker(runner, spec, run_device)
     if device.startswith("cuda"):
         import ray
 

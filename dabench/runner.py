@@ -172,24 +172,21 @@ class _MemoPredictor:
     Every other attribute (e.g. ``importance_weights``) passes through."""
 
     def __init__(self, predictor: Any) -> None:
-        self._inner = predictor
-        self._memo: dict[tuple, tuple[Any, np.ndarray]] = {}
-
-    def _joint(self) -> bool:
-        """Whether both outputs can come from one pass: a :class:`TorchPredictor`
-        whose ``predict_proba`` and ``embed`` are not overridden."""
         from .training import TorchPredictor
 
-        t = type(self._inner)
-        return (isinstance(self._inner, TorchPredictor) and t.predict_proba is TorchPredictor.predict_proba
-                and t.embed is TorchPredictor.embed)
+        self._inner = predictor
+        self._memo: dict[tuple, tuple[Any, np.ndarray]] = {}
+        # both outputs from one pass: a TorchPredictor whose predict_proba and embed are its own
+        t = type(predictor)
+        self._joint = (isinstance(predictor, TorchPredictor) and t.predict_proba is TorchPredictor.predict_proba
+                       and t.embed is TorchPredictor.embed)
 
     def _call(self, fn: str, X: Any, domain: str) -> np.ndarray:
         key = (fn, id(X), domain)
         hit = self._memo.get(key)
         if hit is not None and hit[0] is X:  # the array itself is kept, so its id is not reused
             return hit[1].copy()
-        if self._joint():
+        if self._joint:
             p, z = self._inner.predict_proba_and_embed(X, domain=domain)
             self._memo[("predict_proba", id(X), domain)] = (X, p)
             self._memo[("embed", id(X), domain)] = (X, z)
