@@ -191,7 +191,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
     reg = _registry(args, console)
     try:
-        full = parse_suite(args.suite, reg)
+        full = parse_suite(args.suite, reg, data_root=args.data_root)
         suite = full.restrict(_split_list(args.methods), _split_list(args.pairs), args.seeds)
     except SuiteError as e:
         console.error(str(e))
@@ -354,7 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pairs", metavar="X,Y", help="only these pairs of the suite (source:target)")
     run.add_argument("--seeds", type=int, metavar="N", help="use seeds 0..N-1 instead of the suite's")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:i (default: auto)")
-    run.add_argument("--data-root", metavar="DIR", help="where downloadable datasets live")
+    run.add_argument("--data-root", metavar="DIR",
+                     help="where downloadable datasets live, and where relative paths of a suite's "
+                          "[domains.NAME] files are looked up first (default: $DABENCH_DATA, else the "
+                          "per-user data folder)")
     run.add_argument("--retry-failed", action="store_true", help="rerun runs stored as failed")
     run.add_argument("--jobs", type=_positive_int, metavar="N",
                      help="runs computed in parallel: N worker processes (local), at most N runs in flight (ray); "

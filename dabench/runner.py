@@ -272,18 +272,18 @@ class Runner:
         self._split_cache: dict[tuple, PairSplit] = {}
         self._load = lru_cache(maxsize=16)(self._load_domain)
 
-    def _load_domain(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        spec: DomainSpec = self.registry.datasets[name]
+    def _load_domain(self, spec: DomainSpec) -> tuple[np.ndarray, np.ndarray]:
         return check_domain_arrays(spec, *spec.load(self.data_root))
 
     def split(self, spec: RunSpec) -> PairSplit:
-        key = (spec.pair.name, canonical_json(spec.pair.protocol.as_dict()), spec.seed)
+        key = (spec.pair.name, canonical_json(spec.pair.protocol.as_dict()), spec.seed,
+               canonical_json(spec.pair.fingerprints()))
         if key not in self._split_cache:
             self._split_cache.clear()  # runs are ordered by pair and seed: keep one
             p = spec.pair
+            s_spec, t_spec = p.domain(p.source, self.registry), p.domain(p.target, self.registry)
             self._split_cache[key] = make_split(
-                p.name, self.registry.datasets[p.source], self.registry.datasets[p.target],
-                self._load(p.source), self._load(p.target), spec.seed, p.protocol,
+                p.name, s_spec, t_spec, self._load(s_spec), self._load(t_spec), spec.seed, p.protocol,
             )
         return self._split_cache[key]
 

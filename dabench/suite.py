@@ -20,6 +20,8 @@ missing field or a wrong type is an error naming the file and the key)::
     max_source = 4000                   # cap on samples per domain (optional)
     max_target = 4000
     training = "end-to-end"             # or "head": domains are cached backbone features
+    standardize = "source"              # vector inputs: per-feature mean/std of the source
+                                        # train split ("none": as loaded); images untouched
 
     [budget]                            # optional; defaults shown
     steps = 1000
@@ -47,7 +49,8 @@ from typing import Any
 import numpy as np
 
 from .contract import CONTRACT_VERSION, Budget, ContractError
-from .data.core import Protocol
+from .data.core import DomainSpec, Protocol
+from .data.files import DomainTableError, parse_domain_table
 from .store import canonical_json, run_key
 
 
@@ -67,6 +70,23 @@ class PairEntry:
     protocol: Protocol
     budget: Budget
     backbone: str | None = None  # overrides the suite's backbone for this pair
+    #: the pair's domains declared in the suite's ``[domains.NAME]`` tables
+    #: (not registered by a plugin): they travel with the run to workers
+    file_domains: tuple[DomainSpec, ...] = ()
+
+    def domain(self, name: str, registry: Any) -> DomainSpec:
+        """The spec of domain ``name`` of this pair: the suite's own, else the registry's."""
+        for d in self.file_domains:
+            if d.name == name:
+                return d
+        return registry.datasets[name]
+
+    def fingerprints(self) -> dict[str, str] | None:
+        """Data digests of the pair's domains that have one (see
+        :attr:`DomainSpec.fingerprint`), for the run key; None when none has."""
+        fps = {role: d.fingerprint for role, name in (("source", self.source), ("target", self.target))
+               for d in self.file_domains if d.name == name and d.fingerprint}
+        return fps or None
 
 
 @dataclass(frozen=True)
@@ -90,8 +110,14 @@ class RunSpec:
     def key(self) -> str:
         """sha256 of what changes the result: method + version + params, pair,
         seed, protocol, budget, backbone and the contract version.  The suite
-        name and the device are not part of it."""
-        return run_key(
+        name and the device are not part of it.  Pairs with domains from
+        files add the files' digests (so edited data is recomputed); other
+        keys are unchanged by that field's existence."""
+        extra = {}
+        fps = self.pair.fingerprints()
+        if fps:
+            extra["data"] = fps
+        return run_key(**extra,
             method=self.method,
             method_version=self.method_version,
             params=self.params,
@@ -153,8 +179,9 @@ class Suite:
 
 # ----------------------------------------------------------------- parsing
 
-_TOP = {"name", "description", "seeds", "validator", "backbone", "pairs", "protocol", "budget", "methods"}
-_PROTOCOL = {"k_target", "feature_space", "max_source", "max_target", "training"}
+_TOP = {"name", "description", "seeds", "validator", "backbone", "pairs", "protocol", "budget", "methods",
+        "domains"}
+_PROTOCOL = {"k_target", "feature_space", "max_source", "max_target", "training", "standardize"}
 TRAINING_PROTOCOLS = ("end-to-end", "head")
 _BUDGET = {"steps", "batch_size"}
 _METHOD = {"params", "grid", "random"}
@@ -199,6 +226,11 @@ def _protocol(path: Path, where: str, table: Any, base: Protocol) -> Protocol:
         if tr not in TRAINING_PROTOCOLS:
             raise SuiteError(path, f"{where}.training", f'expected "end-to-end" or "head", got {tr!r}')
         kw["training"] = tr
+    if "standardize" in table:
+        st = _expect(path, f"{where}.standardize", table["standardize"], str, '"source" or "none"')
+        if st not in ("source", "none"):
+            raise SuiteError(path, f"{where}.standardize", f'expected "source" or "none", got {st!r}')
+        kw["standardize"] = st
     for cap in ("max_source", "max_target"):
         if cap in table:
             v = _expect(path, f"{where}.{cap}", table[cap], int, "a positive integer")
@@ -270,8 +302,27 @@ def _points(path: Path, name: str, table: dict, cls: Any) -> tuple[dict[str, Any
     return tuple(unique)
 
 
-def parse_suite(path: str | Path, registry: Any) -> Suite:
-    """Read and validate a suite file against the registry's methods and datasets."""
+def _domains(path: Path, raw: Any, registry: Any, data_root: str | Path | None) -> dict[str, DomainSpec]:
+    """The suite's ``[domains.NAME]`` tables as specs (see :mod:`dabench.data.files`)."""
+    from .data.download import resolve_data_root
+
+    tables = _expect(path, "domains", raw, dict, "a table of [domains.NAME] tables")
+    root = resolve_data_root(data_root).path
+    out: dict[str, DomainSpec] = {}
+    for name, table in tables.items():
+        try:
+            out[name] = parse_domain_table(name, table, suite_dir=path.resolve().parent, data_root=root,
+                                           registered=registry.datasets)
+        except DomainTableError as e:
+            raise SuiteError(path, f"domains.{name}" + (f".{e.key}" if e.key else ""), e.message) from None
+    return out
+
+
+def parse_suite(path: str | Path, registry: Any, data_root: str | Path | None = None) -> Suite:
+    """Read and validate a suite file against the registry's methods and
+    datasets.  ``data_root`` (``--data-root``; default ``$DABENCH_DATA``, then
+    the per-user data folder) is where relative paths of ``[domains.NAME]``
+    files are looked up first, before the suite's folder."""
     path = Path(path)
     if not path.is_file():
         raise SuiteError(path, "", "no such suite file")
@@ -307,6 +358,9 @@ def parse_suite(path: str | Path, registry: Any) -> Suite:
     if backbone not in registry.backbones:
         raise SuiteError(path, "backbone", f"unknown backbone {backbone!r}; available: {sorted(registry.backbones)}")
 
+    domains = _domains(path, raw.get("domains", {}), registry, data_root)
+    datasets = {**registry.datasets, **domains}
+
     protocol = _protocol(path, "protocol", raw.get("protocol", {}), Protocol())
     budget = _budget(path, "budget", raw.get("budget", {}), Budget())
 
@@ -338,9 +392,10 @@ def parse_suite(path: str | Path, registry: Any) -> Suite:
             raise SuiteError(path, where, f'expected "source:target", got {pname!r}')
         src, tgt = pname.split(":")
         for role, d in (("source", src), ("target", tgt)):
-            if d not in registry.datasets:
-                raise SuiteError(path, where, f"unknown {role} dataset {d!r}; available: {sorted(registry.datasets)}")
-        s_spec, t_spec = registry.datasets[src], registry.datasets[tgt]
+            if d not in datasets:
+                raise SuiteError(path, where, f"unknown {role} dataset {d!r}; available: {sorted(datasets)} "
+                                              f"(or declare it in a [domains.{d}] table)")
+        s_spec, t_spec = datasets[src], datasets[tgt]
         if s_spec.label_space != t_spec.label_space:
             raise SuiteError(path, where, f"{src!r} ({s_spec.label_space}) and {tgt!r} ({t_spec.label_space}) have different label spaces")
         feats = {getattr(s_spec, "features", None), getattr(t_spec, "features", None)} - {None}
@@ -353,7 +408,8 @@ def parse_suite(path: str | Path, registry: Any) -> Suite:
                                           f'in [protocol] (the backbone cannot be fine-tuned through cached features)')
         if any(p.name == pname and p.protocol == p_proto and p.backbone == p_backbone for p in pairs):
             raise SuiteError(path, where, f"pair {pname!r} is listed twice")
-        pairs.append(PairEntry(pname, src, tgt, p_proto, p_budget, p_backbone))
+        own = tuple(domains[d] for d in dict.fromkeys((src, tgt)) if d in domains)
+        pairs.append(PairEntry(pname, src, tgt, p_proto, p_budget, p_backbone, own))
 
     if "methods" not in raw:
         raise SuiteError(path, "methods", "missing; expected a table per method, e.g. [methods.source-only]")

@@ -59,6 +59,11 @@ class DomainSpec:
     #: ``"resnet50"``), or None for raw inputs; such domains may only be used
     #: under the ``"head"`` training protocol (see :class:`Protocol`)
     features: str | None = None
+    #: a digest of the domain's data (e.g. ``"sha256:..."`` of a suite's npz
+    #: file) that enters the run key of every run using the domain, so edited
+    #: data is computed again; None for data that is fixed by its name
+    #: (embedded and checksummed standard datasets)
+    fingerprint: str | None = None
 
     @property
     def is_image(self) -> bool:
@@ -77,6 +82,13 @@ class Protocol:
     #: "head": the domains hold frozen-backbone features extracted once and
     #: cached on disk (``<domain>@resnet50``), and methods adapt a head on them
     training: str = "end-to-end"
+    #: input standardisation of *vector* domains (images are left in [0, 1];
+    #: the image backbones rescale them): ``"source"`` (default) fits each
+    #: feature's mean and standard deviation on the source train split and
+    #: applies them to both domains (on a heterogeneous, ``native`` pair the
+    #: target domain is standardised with its own *unlabelled* train split);
+    #: ``"none"`` leaves inputs as loaded.  No target labels are used.
+    standardize: str = "source"
 
     def as_dict(self) -> dict:
         """The protocol as stored with each run (part of the run key).
@@ -92,6 +104,7 @@ class Protocol:
         }
         if self.training != "end-to-end":
             d["training"] = self.training
+        d["standardize"] = self.standardize
         return d
 
 
@@ -154,6 +167,16 @@ def _stratified_parts(y: np.ndarray, fractions: list[float], rng: np.random.Gene
         for i, chunk in enumerate(np.split(idx, cuts)):
             parts[i].append(chunk)
     return [np.sort(np.concatenate(p)) if p else np.array([], dtype=int) for p in parts]
+
+
+def _moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and standard deviation (float32) for standardisation;
+    a constant feature gets a standard deviation of 1 (as scikit-learn's
+    ``StandardScaler``), so it maps to 0 instead of dividing by 0."""
+    mean = X.mean(0, dtype=np.float64)
+    std = X.std(0, dtype=np.float64)
+    std[std < 1e-12] = 1.0
+    return mean.astype(np.float32), std.astype(np.float32)
 
 
 def _cap(n: int, cap: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -258,6 +281,15 @@ def make_split(
     Xt = Xt.reshape(len(Xt), -1)
     s_tr, s_va, s_te = _stratified_parts(ys, [0.6, 0.2, 0.2], rng)
     t_tr, t_te = _stratified_parts(yt, [0.5, 0.5], rng)
+    if protocol.standardize == "source":
+        if len(s_shape) == 1:
+            mean, std = _moments(Xs[s_tr])
+            Xs = (Xs - mean) / std
+            if len(t_shape) == 1 and s_shape == t_shape:
+                Xt = (Xt - mean) / std
+        if len(t_shape) == 1 and s_shape != t_shape:
+            mean, std = _moments(Xt[t_tr])
+            Xt = (Xt - mean) / std
 
     target_labeled = None
     if protocol.k_target > 0:
