@@ -274,6 +274,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             return EXIT_BAD_INPUT
     console.info(f"done in {_fmt_time(summary.wall_time_s)}: {summary.ran} runs ({summary.ok} ok, "
                  f"{summary.failed} failed, {summary.skipped} skipped), {summary.already_done} already stored")
+    if summary.source_models_trained or summary.source_models_reused:
+        console.info(f"shared source models: {len(summary.source_models_trained)} trained, "
+                     f"{len(summary.source_models_reused)} reused from {results / 'source-models'}")
     for p in paths.values():
         console.info(f"wrote {p}")
     if summary.lost:

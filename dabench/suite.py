@@ -27,6 +27,17 @@ missing field or a wrong type is an error naming the file and the key)::
     steps = 1000
     batch_size = 64
 
+    [source_model]                      # optional: the host's shared source model
+    lr = 0.01                           # (dabench.source_model; also per pair:
+    weight_decay = 5e-4                 #  { pair = "...", source_model = { steps = 3000 } })
+    steps = 1000                        # default: the pair's budget
+    batch_size = 64                     # default: the pair's budget
+
+    [domains.NAME]                      # optional: a domain from a file (dabench.data.files)
+    path = "usps.npz"
+    format = "npz"
+    label_space = "digits10"
+
     [methods.source-only]               # one table per method (may be empty)
     [methods.dann]
     params = { lr = 0.01 }              # fixed values (override defaults)
@@ -51,6 +62,7 @@ import numpy as np
 from .contract import CONTRACT_VERSION, Budget, ContractError
 from .data.core import DomainSpec, Protocol
 from .data.files import DomainTableError, parse_domain_table
+from .source_model import SourceRecipe
 from .store import canonical_json, run_key
 
 
@@ -70,6 +82,8 @@ class PairEntry:
     protocol: Protocol
     budget: Budget
     backbone: str | None = None  # overrides the suite's backbone for this pair
+    #: how the host trains this pair's shared source model (``[source_model]``)
+    source_recipe: SourceRecipe = SourceRecipe()
     #: the pair's domains declared in the suite's ``[domains.NAME]`` tables
     #: (not registered by a plugin): they travel with the run to workers
     file_domains: tuple[DomainSpec, ...] = ()
@@ -105,6 +119,9 @@ class RunSpec:
     point: int
     seed: int
     backbone: str
+    #: the resolved source-model recipe when the method starts from the
+    #: host's source model (``requires = {"source_model"}``), else None
+    source_recipe: dict[str, Any] | None = None
 
     @property
     def key(self) -> str:
@@ -117,6 +134,8 @@ class RunSpec:
         fps = self.pair.fingerprints()
         if fps:
             extra["data"] = fps
+        if self.source_recipe is not None:
+            extra["source_model"] = self.source_recipe
         return run_key(**extra,
             method=self.method,
             method_version=self.method_version,
@@ -148,10 +167,13 @@ class Suite:
         for pair in self.pairs:
             for seed in self.seeds:
                 for m in self.methods:
-                    version = str(registry.methods[m.name].version)
+                    cls = registry.methods[m.name]
+                    version = str(cls.version)
+                    recipe = (pair.source_recipe.resolved(pair.budget.steps, pair.budget.batch_size)
+                              if "source_model" in cls.requires else None)
                     for i, params in enumerate(m.points):
                         specs.append(RunSpec(self.name, pair, m.name, version, params, i, seed,
-                                             pair.backbone or self.backbone))
+                                             pair.backbone or self.backbone, recipe))
         return specs
 
     def restrict(self, methods: list[str] | None = None, pairs: list[str] | None = None,
@@ -180,10 +202,11 @@ class Suite:
 # ----------------------------------------------------------------- parsing
 
 _TOP = {"name", "description", "seeds", "validator", "backbone", "pairs", "protocol", "budget", "methods",
-        "domains"}
+        "domains", "source_model"}
 _PROTOCOL = {"k_target", "feature_space", "max_source", "max_target", "training", "standardize"}
 TRAINING_PROTOCOLS = ("end-to-end", "head")
 _BUDGET = {"steps", "batch_size"}
+_SOURCE_MODEL = {"steps", "batch_size", "lr", "weight_decay"}
 _METHOD = {"params", "grid", "random"}
 
 
@@ -251,6 +274,25 @@ def _budget(path: Path, where: str, table: Any, base: Budget) -> Budget:
                 raise SuiteError(path, f"{where}.{k}", "expected a positive integer")
             kw[k] = v
     return Budget(**kw)
+
+
+def _source_recipe(path: Path, where: str, table: Any, base: SourceRecipe) -> SourceRecipe:
+    _expect(path, where, table, dict, "a table")
+    _check_keys(path, where, table, _SOURCE_MODEL)
+    kw = base.__dict__.copy()
+    for k in ("steps", "batch_size"):
+        if k in table:
+            v = _expect(path, f"{where}.{k}", table[k], int, "a positive integer")
+            if v < 1:
+                raise SuiteError(path, f"{where}.{k}", "expected a positive integer")
+            kw[k] = v
+    for k, lo, hi in (("lr", 1e-6, 10.0), ("weight_decay", 0.0, 1.0)):
+        if k in table:
+            v = _expect(path, f"{where}.{k}", table[k], (int, float), "a number")
+            if not (lo <= float(v) <= hi):
+                raise SuiteError(path, f"{where}.{k}", f"expected a number in [{lo}, {hi}], got {v!r}")
+            kw[k] = float(v)
+    return SourceRecipe(**kw)
 
 
 def _points(path: Path, name: str, table: dict, cls: Any) -> tuple[dict[str, Any], ...]:
@@ -363,6 +405,7 @@ def parse_suite(path: str | Path, registry: Any, data_root: str | Path | None = 
 
     protocol = _protocol(path, "protocol", raw.get("protocol", {}), Protocol())
     budget = _budget(path, "budget", raw.get("budget", {}), Budget())
+    recipe = _source_recipe(path, "source_model", raw.get("source_model", {}), SourceRecipe())
 
     if "pairs" not in raw:
         raise SuiteError(path, "pairs", 'missing; expected a list like ["moons:moons-rot35"]')
@@ -372,15 +415,17 @@ def parse_suite(path: str | Path, registry: Any, data_root: str | Path | None = 
     pairs: list[PairEntry] = []
     for i, entry in enumerate(pairs_raw):
         where = f"pairs[{i}]"
-        p_proto, p_budget, p_backbone = protocol, budget, None
+        p_proto, p_budget, p_backbone, p_recipe = protocol, budget, None, recipe
         if isinstance(entry, dict):
-            _check_keys(path, where, entry, {"pair", "protocol", "budget", "backbone"})
+            _check_keys(path, where, entry, {"pair", "protocol", "budget", "backbone", "source_model"})
             if "pair" not in entry:
                 raise SuiteError(path, f"{where}.pair", 'missing; expected "source:target"')
             if "protocol" in entry:
                 p_proto = _protocol(path, f"{where}.protocol", entry["protocol"], protocol)
             if "budget" in entry:
                 p_budget = _budget(path, f"{where}.budget", entry["budget"], budget)
+            if "source_model" in entry:
+                p_recipe = _source_recipe(path, f"{where}.source_model", entry["source_model"], recipe)
             if "backbone" in entry:
                 p_backbone = _expect(path, f"{where}.backbone", entry["backbone"], str, "a string")
                 if p_backbone not in registry.backbones:
@@ -409,7 +454,7 @@ def parse_suite(path: str | Path, registry: Any, data_root: str | Path | None = 
         if any(p.name == pname and p.protocol == p_proto and p.backbone == p_backbone for p in pairs):
             raise SuiteError(path, where, f"pair {pname!r} is listed twice")
         own = tuple(domains[d] for d in dict.fromkeys((src, tgt)) if d in domains)
-        pairs.append(PairEntry(pname, src, tgt, p_proto, p_budget, p_backbone, own))
+        pairs.append(PairEntry(pname, src, tgt, p_proto, p_budget, p_backbone, p_recipe, own))
 
     if "methods" not in raw:
         raise SuiteError(path, "methods", "missing; expected a table per method, e.g. [methods.source-only]")
