@@ -45,6 +45,11 @@ from typing import Any, Collection, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from .health import ENGAGEMENT_RULES, FAILED_TRAINING_RULE, RunHealth, cell_engagement, run_health
+from .ranking import RankGroup, rank_cells
+from .verdicts import NT_ALPHA as _VERDICT_ALPHA
+from .verdicts import NT_POWER, minimum_detectable_effect, nt_verdict
+
 __all__ = [
     "Leaderboard",
     "LeaderboardError",
@@ -60,7 +65,7 @@ __all__ = [
 ]
 
 #: Version of the JSON layout written by :func:`to_json`.
-JSON_FORMAT_VERSION = 2
+JSON_FORMAT_VERSION = 3
 
 #: Columns a run row must have.
 _REQUIRED = ("pair", "method", "point", "seed", "status", "params")
@@ -132,6 +137,8 @@ class Leaderboard:
     nt_test: Mapping[str, Any] = field(default_factory=dict)
     #: how well the label-free warning predicts the labelled verdict
     warning_eval: Mapping[str, Any] = field(default_factory=dict)
+    #: the methods ranked together and the pairs they are ranked over (:mod:`dabench.ranking`)
+    rank_groups: tuple[RankGroup, ...] = ()
 
     def cell(self, method: str, pair: str) -> dict[str, Any]:
         """The cell of ``method`` on ``pair`` as a dict (KeyError when absent)."""
@@ -275,16 +282,35 @@ def _supersede(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
 #: or native (heterogeneous) feature spaces: a model trained on the k
 #: labelled target samples alone.
 FEWSHOT_REFERENCE = "target-only-k"
-#: Significance level of the negative-transfer test (after Holm's correction).
-NT_ALPHA = 0.05
-#: Fewer paired seeds than this and the report warns that the test has little power.
-NT_MIN_SEEDS_FOR_POWER = 5
+#: Per-cell significance level of the negative-transfer test (one-sided; see :mod:`dabench.verdicts`).
+NT_ALPHA = _VERDICT_ALPHA
+#: The loss a verdict should be able to see: the report lists the tested cells whose minimum
+#: detectable effect is larger (their "n.s." cannot exclude a loss of this size).
+NT_VISIBLE_LOSS = 0.05
 #: The label-free warning fires when its score exceeds this.
 WARN_THRESHOLD = 0.05
 #: The label-free warning's score (see :func:`_negative_transfer`).
 WARN_SCORE = "warn_prior_drift_beyond_noise"
 
 NT_FLAGS = ("negative transfer", "n.s.", "better")
+#: Verdicts of cells that are not findings (see :mod:`dabench.health`).
+HEALTH_FLAGS = ("failed training", "not engaged", "reference failed")
+
+#: Per-cell health columns (see :func:`_health_columns`).
+HEALTH_COLUMNS = ("engagement", "engagement_note", "n_failed_training", "failed_training_note", "health")
+
+
+def _health_columns(runs: Sequence[tuple[int, RunHealth]]) -> dict[str, Any]:
+    """A cell's health from its ok runs ``(seed, health)``: engagement
+    (``engaged``/``partly``/``never``/None) with a note, failed trainings, and
+    ``health``: ``failed training`` (any run), ``not engaged`` (never) or ``ok``."""
+    eng, note = cell_engagement([h for _, h in runs])
+    failed = [(s, h.failed_training) for s, h in runs if h.failed_training]
+    health = "failed training" if failed else "not engaged" if eng == "never" else "ok"
+    return {
+        "engagement": eng, "engagement_note": note or None, "n_failed_training": len(failed),
+        "failed_training_note": "; ".join(f"seed {s}: {why}" for s, why in failed) or None, "health": health,
+    }
 
 
 def _pair_reference(protocol: Any, default: str) -> str:
@@ -379,16 +405,24 @@ def _prior_spread(runs: Sequence[Mapping[str, Any]]) -> float:
 def _negative_transfer(
     cells: pd.DataFrame, ok_runs: pd.DataFrame, pair_ref: Mapping[str, str],
     reference: Mapping[str, bool], validators: Sequence[str],
+    failed_training: Collection[tuple[str, str, int]] = (),
 ) -> pd.DataFrame:
     """Add the labelled negative-transfer verdict and the label-free warning
     to every (method, pair) cell.
 
-    Verdict: the per-seed target-accuracy differences to the pair's
-    reference run of the same seed, a two-sided paired t-test, Holm's
-    correction over the pairs tested for each method, ``NT_ALPHA``; flag
-    ``negative transfer`` (significantly worse), ``better`` (significantly
-    better) or ``n.s.``; ``n/a`` for the reference itself, reference rows
-    (target-supervised), and cells with fewer than 2 paired seeds.
+    Verdict (:func:`dabench.verdicts.nt_verdict`): the per-seed
+    target-accuracy differences to the pair's reference run of the same seed,
+    a one-sided paired t-test per cell at ``NT_ALPHA`` for "worse" (flag
+    ``negative transfer``) and for "better" (``better``), else ``n.s.``, with
+    the cell's minimum detectable effect ``nt_mde`` (the loss flagged with 80 %
+    probability given the observed spread and seed count); ``n/a`` for the
+    reference itself, reference rows (target-supervised), and cells with fewer
+    than 2 paired seeds.  Cells that are not findings get their health as
+    verdict: ``failed training`` (a run of the cell), ``not engaged``
+    (adaptation never engaged), ``reference failed`` (a paired reference run
+    failed training); their numbers stay in the table.  ``nt_p`` is the
+    two-sided p-value and ``nt_p_holm`` its Holm-Bonferroni adjustment over
+    each method's tested pairs (a family-wise reading; not the verdict).
 
     Warning (no target labels): per seed, the method's mean predicted target
     class distribution is compared with the reference model's BBSE estimate
@@ -405,12 +439,14 @@ def _negative_transfer(
     are kept as ``warn_*`` columns so the report can compare them.
     """
     by_run = {(r["pair"], r["method"], int(r["seed"])): r for r in ok_runs.to_dict("records")}
-    cols: dict[str, list[Any]] = {k: [] for k in ("nt_n", "nt_t", "nt_p", "nt_flag")}
+    failed = set(failed_training)
+    keys = ("nt_n", "nt_t", "nt_p", "nt_p_worse", "nt_p_better", "nt_mde", "nt_flag")
+    cols: dict[str, list[Any]] = {k: [] for k in keys}
     warn_rows: list[dict[str, float]] = []
     for r in cells.to_dict("records"):
         ref = pair_ref[r["pair"]]
         testable = r["status"] == "ok" and r["method"] != ref and not reference.get(r["method"], False)
-        diffs, seed_scores = [], []
+        diffs, seed_scores, ref_failed = [], [], False
         if testable:
             for (pair, m, seed), run in by_run.items():
                 if pair != r["pair"] or m != r["method"]:
@@ -418,14 +454,24 @@ def _negative_transfer(
                 base = by_run.get((pair, ref, seed))
                 if base is None:
                     continue
+                ref_failed |= (pair, ref, seed) in failed
                 if not _isnan(run["target_acc"]) and not _isnan(base["target_acc"]):
                     diffs.append(float(run["target_acc"]) - float(base["target_acc"]))
                 seed_scores.append(_warning_scores(run, base, validators))
-        t, pval = paired_t_test(diffs) if testable else (math.nan, math.nan)
-        cols["nt_n"].append(len(diffs))
-        cols["nt_t"].append(t)
-        cols["nt_p"].append(pval)
-        cols["nt_flag"].append("n/a")
+        v = nt_verdict(diffs if testable else [], NT_ALPHA, NT_POWER)
+        if not testable:
+            flag = "n/a"
+        elif r.get("health") == "failed training":
+            flag = "failed training"
+        elif ref_failed:
+            flag = "reference failed"
+        elif r.get("health") == "not engaged":
+            flag = "not engaged"
+        else:
+            flag = v.flag
+        two_sided = min(1.0, 2 * min(v.p_worse, v.p_better)) if v.n >= 2 else math.nan
+        for k, x in zip(keys, (v.n, v.t, two_sided, v.p_worse, v.p_better, v.mde, flag)):
+            cols[k].append(x)
         names = sorted({k for d in seed_scores for k in d})
         w = {k: float(np.mean([d[k] for d in seed_scores if k in d])) for k in names}
         if "warn_prior_drift" in w:
@@ -437,19 +483,10 @@ def _negative_transfer(
     out = cells.assign(**cols)
     out["nt_p_holm"] = math.nan
     for m, idx in out.groupby("method").groups.items():
-        adj = holm(out.loc[idx, "nt_p"].tolist())
-        out.loc[idx, "nt_p_holm"] = adj
-    flags = []
-    for r in out.to_dict("records"):
-        if _isnan(r["nt_p_holm"]):
-            flags.append("n/a")
-        elif r["nt_p_holm"] < NT_ALPHA and r["gap_mean"] < 0:
-            flags.append("negative transfer")
-        elif r["nt_p_holm"] < NT_ALPHA and r["gap_mean"] > 0:
-            flags.append("better")
-        else:
-            flags.append("n.s.")
-    out["nt_flag"] = flags
+        out.loc[idx, "nt_p_holm"] = holm(out.loc[idx, "nt_p"].tolist())
+    order = [c for c in out.columns if c not in ("nt_p_holm", "nt_mde", "nt_flag")]
+    i = order.index("nt_p_better") + 1
+    out = out[order[:i] + ["nt_p_holm", "nt_mde", "nt_flag"] + order[i:]]
     warn = pd.DataFrame(warn_rows, index=out.index)
     for c in ["warn_prior_drift", "warn_prior_drift_beyond_noise", "warn_disagreement",
               *[f"warn_val_{v}" for v in validators]]:
@@ -461,32 +498,50 @@ def _negative_transfer(
 
 
 def _nt_test_info(cells: pd.DataFrame, seeds: Sequence[int]) -> dict[str, Any]:
-    """What the report prints about the test, with a warning when it has little power."""
-    from scipy import stats
+    """What the report prints about the test: its settings, what the cells
+    could see (minimum detectable effects) and a warning where a cell cannot
+    see a loss of ``NT_VISIBLE_LOSS``."""
+    from .verdicts import CALIBRATION
 
-    tested = cells[cells["nt_flag"] != "n/a"]
+    tested = cells[cells["nt_flag"].isin(NT_FLAGS)]
     n = int(tested["nt_n"].min()) if len(tested) else 0
     per_method = tested.groupby("method").size()
     m = int(per_method.max()) if len(per_method) else 0
+    mde = tested["nt_mde"].astype(float)
+    blind = tested[~(mde <= NT_VISIBLE_LOSS)]
     info: dict[str, Any] = {
-        "test": "two-sided paired t-test over seeds (method vs the pair's reference, same seed)",
-        "correction": "Holm-Bonferroni over the pairs tested for each method",
+        "test": "one-sided paired t-test over seeds per cell (method vs the pair's reference, same seed): "
+                "negative transfer when significantly worse, better when significantly better",
+        "correction": f"none: each cell is tested at level {NT_ALPHA}, so about {NT_ALPHA:.0%} of the cells without "
+                      f"an effect are flagged by chance; nt_p_holm (CSV, JSON) is the two-sided p-value "
+                      f"Holm-adjusted over each method's pairs, for a family-wise reading",
         "alpha": NT_ALPHA,
+        "power": NT_POWER,
+        "visible_loss": NT_VISIBLE_LOSS,
+        "mde_rule": f"the loss the test flags with {NT_POWER:.0%} probability given the cell's observed standard "
+                    f"deviation of per-seed gaps and its number of paired seeds (noncentral t)",
         "n_seeds": len(seeds),
         "min_paired_seeds": n,
         "max_pairs_per_method": m,
         "n_cells_tested": int(len(tested)),
+        "n_cells_not_findings": int(cells["nt_flag"].isin(HEALTH_FLAGS).sum()),
+        "median_mde": float(mde.median()) if len(tested) else math.nan,
+        "n_cells_mde_above_visible_loss": int(len(blind)),
         "reference_rule": f"{FEWSHOT_REFERENCE} on pairs with k_target > 0 or native feature spaces, "
                           f"else the baseline",
+        "calibration": CALIBRATION,
         "power_warning": None,
     }
-    if len(tested) and n < NT_MIN_SEEDS_FOR_POWER:
-        crit = float(stats.t.isf(NT_ALPHA / max(m, 1) / 2, df=max(n - 1, 1))) if n >= 2 else math.inf
+    if len(blind):
+        sds = tested["gap_std"].astype(float)
+        more = [f"{k} seeds {sum(minimum_detectable_effect(sd, k) <= NT_VISIBLE_LOSS for sd in sds)}"
+                for k in (5, 10, 20) if k > n]
         info["power_warning"] = (
-            f"only {n} paired seeds: the t-test has {max(n - 1, 0)} degrees of freedom, so after Holm over "
-            f"{m} pairs the strongest cell needs |t| > {crit:.1f} to be significant; only large, consistent "
-            f"effects are detected and 'n.s.' does not mean 'no effect' (a Wilcoxon signed-rank test cannot "
-            f"go below p = {2 / 2 ** max(n, 1):.2f} with {n} seeds and is not used); run more seeds"
+            f"{len(blind)} of {len(tested)} tested cells cannot see a loss of {100 * NT_VISIBLE_LOSS:.0f} points "
+            f"(their MDE is larger; median MDE {100 * info['median_mde']:.1f} points with {n} paired seeds): "
+            f"'n.s.' there does not mean 'no effect'"
+            + (f". At the same spread, the cells that could see it would number: " + ", ".join(more)
+               + f" (of {len(tested)}); run more seeds" if more else "")
         )
     return info
 
@@ -662,6 +717,12 @@ def compute_leaderboard(
 
     pair_ref = {c: _pair_reference(pair_first[c]["protocol"], reference_method) for c in columns}
     family = df.groupby("method")["family"].agg(lambda s: next((str(v) for v in s if not _isnan(v)), ""))
+    # references are never ranked: rows that use target labels, the baseline and each pair's reference
+    references = {reference_method, *pair_ref.values()}
+    ranked = {m: not reference.get(m, False) and m not in references for m in methods_all}
+    # run health (dabench.health): engagement from the methods' signals, failed trainings
+    health = {(r["column"], r["method"], int(r["seed"])): run_health(r) for r in ok_runs.to_dict("records")}
+    diag_cols = sorted(c for c in df.columns if c.startswith("x_diag_"))
 
     cell_rows = []
     for m in methods_all:
@@ -670,7 +731,7 @@ def compute_leaderboard(
             pt = points[(points["pair"] == col) & (points["method"] == m) & points["selected"]]
             row: dict[str, Any] = {
                 "method": m, "pair": col, "pair_label": pair_label(col), "family": family.get(m, ""),
-                "reference": reference.get(m, False), "ranked": not reference.get(m, False),
+                "reference": reference.get(m, False), "ranked": ranked[m],
             }
             ok = g[g["status"] == "ok"]
             n_failed, n_skipped = int((g["status"] == "failed").sum()), int((g["status"] == "skipped").sum())
@@ -705,6 +766,8 @@ def compute_leaderboard(
                     row["gap_std"] = float(diff.std(ddof=1)) if len(diff) > 1 else math.nan
                 row[f"{name}_n"] = int(len(diff))
             row["rank"] = math.nan
+            row.update(_health_columns([(int(s), health[(col, m, int(s))]) for s in ok["seed"]]))
+            row.update({f"diag_{c[len('x_diag_'):]}": _mean(ok[c]) for c in diag_cols})
             row["wall_time_s_mean"] = _mean(ok["wall_time_s"])
             row["peak_mem_mb_mean"] = _mean(ok["peak_mem_mb"])
             first = pair_first[col]
@@ -716,17 +779,19 @@ def compute_leaderboard(
     order = ["method", "pair", "pair_label", "family", "reference", "ranked", "status", "skip_reason", "point",
              "params", "n_points", "selection_score", "n_seeds_ok", "n_failed", "n_skipped", "target_acc_mean",
              "target_acc_std", "target_f1_mean", "source_acc_mean", "gap_mean", "gap_std", "gap_n",
-             "forgetting_mean", "forgetting_n", "rank", "wall_time_s_mean", "peak_mem_mb_mean", "protocol", "budget"]
-    cells = cells[order + ["nt_reference"]]
+             "forgetting_mean", "forgetting_n", "rank", "wall_time_s_mean", "peak_mem_mb_mean", "protocol", "budget",
+             *HEALTH_COLUMNS]
+    diag_out = [f"diag_{c[len('x_diag_'):]}" for c in diag_cols]
+    cells = cells[order + ["nt_reference"]].assign(**{c: cells[c] for c in diag_out})
     # keyed by column: one pair run under two protocols (e.g. shared and native) is two columns
-    cells = _negative_transfer(cells, ok_runs.assign(pair=ok_runs["column"]), pair_ref, reference, available)
+    failed = {k for k, h in health.items() if h.failed_training}
+    cells = _negative_transfer(cells, ok_runs.assign(pair=ok_runs["column"]), pair_ref, reference, available,
+                               failed_training=failed)
+    cells = cells[[c for c in cells.columns if c not in diag_out] + diag_out]  # diagnostics last
 
-    # ---- ranks per pair among ranked methods with a result
-    has = (cells["status"] == "ok") & cells["ranked"] & cells["target_acc_mean"].notna()
-    for col in columns:
-        idx = cells.index[has & (cells["pair"] == col)]
-        acc = cells.loc[idx, "target_acc_mean"].round(_RANK_DECIMALS)
-        cells.loc[idx, "rank"] = acc.rank(ascending=False, method="average")
+    # ---- ranks per pair over the pairs every ranked method (of its group) has a finding on
+    cells["rank"], rank_groups = rank_cells(cells, ranked, columns, _RANK_DECIMALS)
+    group_of = {m: g for g in rank_groups for m in g.methods}
 
     # ---- per-method summary
     n_pairs = len(columns)
@@ -737,12 +802,13 @@ def compute_leaderboard(
         r_all = df[df["method"] == m]
         ok_all = r_all[r_all["status"] == "ok"]
         meth_rows.append({
-            "method": m, "family": family.get(m, ""), "reference": reference[m], "ranked": not reference[m],
+            "method": m, "family": family.get(m, ""), "reference": reference[m], "ranked": ranked[m],
             "baseline": m == reference_method,
             "n_pairs": n_pairs, "n_pairs_ok": len(res), "complete": len(res) == n_pairs,
             "mean_acc": float(res["target_acc_mean"].mean()) if len(res) else math.nan,
-            "avg_rank": float(res["rank"].mean()) if len(res) and not reference[m] else math.nan,
+            "avg_rank": float(res["rank"].mean()) if res["rank"].notna().any() else math.nan,
             "n_ranked_pairs": int(res["rank"].notna().sum()),
+            "rank_group": group_of[m].index if m in group_of else None,
             "mean_gap": _mean(c["gap_mean"]), "mean_forgetting": _mean(c["forgetting_mean"]),
             "n_runs": len(r_all), "n_ok": len(ok_all), "n_failed": int((r_all["status"] == "failed").sum()),
             "n_skipped": int((r_all["status"] == "skipped").sum()),
@@ -752,13 +818,17 @@ def compute_leaderboard(
             "peak_mem_mb_max": float(ok_all["peak_mem_mb"].max()) if ok_all["peak_mem_mb"].notna().any() else math.nan,
         })
     methods = pd.DataFrame(meth_rows)
+    # ranked methods first (by rank group, then average rank), then the baseline, the few-shot
+    # reference and the rows that use target labels
     methods = methods.assign(
-        _ref=methods["reference"].astype(int),
+        _ref=[0 if r else (1 if m == reference_method else 2 if m in references else 3)
+               for m, r in zip(methods["method"], methods["ranked"])],
         _norank=methods["avg_rank"].isna().astype(int),
+        _group=methods["rank_group"].fillna(len(rank_groups)).astype(int),
         _rank=methods["avg_rank"].fillna(0.0).round(_RANK_DECIMALS),
         _acc=-methods["mean_acc"].fillna(-1.0).round(_RANK_DECIMALS),
-    ).sort_values(["_ref", "_norank", "_rank", "_acc", "method"], kind="mergesort")
-    methods = methods.drop(columns=["_ref", "_norank", "_rank", "_acc"]).reset_index(drop=True)
+    ).sort_values(["_ref", "_norank", "_group", "_rank", "_acc", "method"], kind="mergesort")
+    methods = methods.drop(columns=["_ref", "_norank", "_group", "_rank", "_acc"]).reset_index(drop=True)
 
     pos_m = {m: i for i, m in enumerate(methods["method"])}
     pos_c = {c: i for i, c in enumerate(columns)}
@@ -793,6 +863,7 @@ def compute_leaderboard(
         selection=_selection(points, df, available, validator),
         nt_test=_nt_test_info(cells, seeds),
         warning_eval=_evaluate_warning(cells),
+        rank_groups=tuple(rank_groups),
     )
 
 
@@ -892,12 +963,17 @@ def _md_negative_transfer(board: Leaderboard) -> list[str]:
         return []
     out = ["", "## Negative transfer", ""]
     out.append(
-        f"Test: {info['test']}; {info['correction']}; significance level {info['alpha']} after correction. "
+        f"Test: {info['test']}. Correction: {info['correction']}. "
         f"Seeds: {info['n_seeds']} (at least {info['min_paired_seeds']} paired per tested cell); "
         f"{info['n_cells_tested']} cells tested. Reference: {info['reference_rule']}. "
-        f"Cells: gap to the reference in percentage points, Holm-adjusted p, verdict "
-        f"(**negative transfer**: significantly worse; better: significantly better; n.s.: not significant)."
+        f"Each cell states its minimum detectable effect (**MDE**): {info['mde_rule']}; a loss smaller than the "
+        f"MDE may go unflagged, so 'n.s.' says only that no loss of at least the MDE was likely. "
+        f"Cells: gap to the reference in percentage points, one-sided p of the verdict, MDE in points, verdict "
+        f"(**negative transfer**: significantly worse; better: significantly better; n.s.: not significant; "
+        f"failed training / not engaged / reference failed: not a finding, see \"Engagement and training health\")."
     )
+    if info.get("calibration"):
+        out += ["", f"Calibration: {info['calibration']}."]
     if info.get("power_warning"):
         out += ["", f"**Warning**: {info['power_warning']}."]
     out.append("")
@@ -912,14 +988,81 @@ def _md_negative_transfer(board: Leaderboard) -> list[str]:
             if c["nt_flag"] == "n/a":
                 line.append("—")
                 continue
+            if c["nt_flag"] in HEALTH_FLAGS:
+                line.append(f"{_signed_pct(c['gap_mean'])} {c['nt_flag']}")
+                continue
             verdict = "**negative transfer**" if c["nt_flag"] == "negative transfer" else c["nt_flag"]
-            pv = _p(c["nt_p_holm"])
-            line.append(f"{_signed_pct(c['gap_mean'])} (p{pv if pv.startswith('<') else '=' + pv}) {verdict}")
+            pv = _p(c["nt_p_better"] if c["nt_flag"] == "better" else c["nt_p_worse"])
+            line.append(f"{_signed_pct(c['gap_mean'])} (p{pv if pv.startswith('<') else '=' + pv}, "
+                        f"MDE {_num(100 * float(c['nt_mde']) if not _isnan(c['nt_mde']) else math.nan, '.1f')}) "
+                        f"{verdict}")
         rows.append(line)
     if rows:
         out += _md_table(["Method", *board.pair_labels], rows, [False] * (1 + len(board.pairs)))
     else:
         out.append("No cell could be tested (each needs a method and its reference ok on at least 2 seeds).")
+    return out
+
+
+#: Conventional health signals the report's diagnostics table shows (dabench.diagnostics).
+_DIAG_SHOWN = ("engaged", "disc_acc_start", "disc_acc_end", "mask_rate", "pseudo_label_rate", "kept_fraction",
+               "cluster_agreement", "weight_ess")
+
+
+def _md_health(board: Leaderboard) -> list[str]:
+    cells = board.cells
+    out = ["", "## Engagement and training health", ""]
+    out.append(
+        "A cell is a finding only if its runs trained and its adaptation acted. **Failed training**: "
+        f"{FAILED_TRAINING_RULE}; a cell with such a run is marked [failed training], not ranked and given no "
+        "verdict, and cells compared with a failed reference run get none either (reference failed). "
+        "**Never engaged**, from the health signals methods record (`dabench.diagnostics`), per signal:"
+    )
+    out.append("")
+    out += [f"- `{name}`: {text}" for name, text in ENGAGEMENT_RULES]
+    out += ["", "A run engaged when any recorded signal says so and never engaged when every one says it did not; "
+                "a cell never engaged when none of its runs with signals engaged: it is marked [not engaged] and is "
+                "neither ranked nor given a verdict. Cells without signals are not judged.", ""]
+    bad = cells[(cells["health"] != "ok") | (cells["nt_flag"] == "reference failed")
+                | (cells["engagement"] == "partly")]
+    if len(bad):
+        rows = []
+        for r in cells.loc[bad.index].to_dict("records"):
+            if r["health"] == "failed training":
+                status, why = "failed training", r["failed_training_note"]
+            elif r["health"] == "not engaged":
+                status, why = "not engaged", r["engagement_note"]
+            elif r["nt_flag"] == "reference failed":
+                status, why = "reference failed", f"a paired run of the reference {r['nt_reference']} failed training"
+            else:
+                status, why = "partly engaged", r["engagement_note"]
+            rows.append([r["method"], r["pair_label"], status, "—" if _isnan(why) else str(why)])
+        out += _md_table(["Method", "Pair", "Status", "Why"], rows, [False] * 4)
+    else:
+        out.append("Every cell trained; no cell is marked never engaged.")
+    diag = [c for c in cells.columns if c.startswith("diag_")]
+    shown = [d for d in _DIAG_SHOWN if f"diag_{d}" in diag]
+    if shown:
+        out += ["", "### Health signals", "",
+                "Mean over each cell's ok runs; self-training rates with their per-quarter means (q1/q2/q3/q4). "
+                "Every recorded signal is in the CSV and JSON reports (`diag_*` columns).", ""]
+        rows = []
+        for r in cells.to_dict("records"):
+            vals = []
+            for d in shown:
+                v = r.get(f"diag_{d}")
+                if _isnan(v):
+                    vals.append("—")
+                    continue
+                text = _num(v, ".2f")
+                qs = [r.get(f"diag_{d}_q{q}") for q in range(1, 5)]
+                if all(not _isnan(q) for q in qs):
+                    text += " (" + "/".join(_num(q, ".2f") for q in qs) + ")"
+                vals.append(text)
+            if all(v == "—" for v in vals):
+                continue
+            rows.append([r["method"], r["pair_label"], r["engagement"] or "—", *vals])
+        out += _md_table(["Method", "Pair", "Engagement", *shown], rows, [False, False, False] + [True] * len(shown))
     return out
 
 
@@ -963,6 +1106,19 @@ def _md_warning(board: Leaderboard) -> list[str]:
     if cand:
         out += ["", "AUROC of other label-free scores tried (higher score = more suspicious): " + "; ".join(
             f"`{k}` {_num(v, '.2f')}" for k, v in cand.items()) + "."]
+    return out
+
+
+def _md_ranking(board: Leaderboard) -> list[str]:
+    groups = board.rank_groups
+    if not groups:
+        return []
+    out = ["", "## Ranking", ""]
+    for g in groups:
+        head = (f"{', '.join(g.methods)}: ranked over {len(g.pairs)} pair(s)"
+                + (f" ({', '.join(pair_label(p) for p in g.pairs)})" if g.pairs else ""))
+        out.append(f"- {head}" + ("." if not g.left_out else "; left out: " + "; ".join(
+            f"{pair_label(p)} ({why})" for p, why in g.left_out) + "."))
     return out
 
 
@@ -1031,12 +1187,14 @@ def to_markdown(board: Leaderboard) -> str:
         f"Cells: target accuracy (%) as mean ± sample std over seeds; in parentheses the gap to the pair's "
         f"reference ({_reference_phrase(board)}) in percentage points, averaged over the seeds both have ok; "
         f"**NT**: significant negative transfer, see below. "
-        f"Mean: over pairs. Avg rank: over pairs, 1 = best, ties share the average rank; "
-        f"reference rows use target labels and are not ranked.",
+        f"Mean: over pairs. Avg rank: 1 = best, ties share the average rank, over the pairs every ranked method "
+        f"(of those applying to the same pairs) has a finding on (see \"Ranking\"); the baseline, the pairs' "
+        f"references and rows that use target labels are not ranked.",
         "",
     ]
 
     n_max = max([int(n) for n in board.cells["n_seeds_ok"]] + [0])
+    unhealthy: set[str] = set()
     notes: dict[str, int] = {}
     partial: list[str] = []
     rows = []
@@ -1051,6 +1209,9 @@ def to_markdown(board: Leaderboard) -> str:
                     s += f" ({_signed_pct(c['gap_mean'])})"
                 if c.get("nt_flag") == "negative transfer":
                     s += " **NT**"
+                if c.get("health") in ("failed training", "not engaged"):
+                    s += f" [{c['health']}]"
+                    unhealthy.add(c["health"])
                 if int(c["n_seeds_ok"]) < n_max:
                     s += f" [n={int(c['n_seeds_ok'])}]"
             elif c["status"] == "skipped":
@@ -1072,12 +1233,19 @@ def to_markdown(board: Leaderboard) -> str:
     out += _md_table(headers, rows, [False] + [False] * len(board.pairs) + [True, True])
     if n_max and any(int(n) < n_max for n in board.cells.loc[board.cells["status"] == "ok", "n_seeds_ok"]):
         out += ["", "[n=k]: only k seeds ok in that cell (the others failed or are missing)."]
+    if unhealthy:
+        marks = {"failed training": "[failed training]: a run of the cell learned nothing (source accuracy at chance)",
+                 "not engaged": "[not engaged]: the method's adaptation never acted"}
+        out += ["", "; ".join(marks[k] for k in sorted(unhealthy)) + ". Not a finding: not ranked, no verdict "
+                    "(see \"Engagement and training health\")."]
     if notes:
         out.append("")
         out += [f"[{i}] skipped: {_md_escape(reason)}" for reason, i in notes.items()]
     if partial:
         out += ["", "\\* mean over the pairs with a result only:"]
         out += [f"- {p}" for p in partial]
+
+    out += _md_ranking(board)
 
     multi = board.cells[(board.cells["n_points"] > 1)]
     if len(multi):
@@ -1115,6 +1283,7 @@ def to_markdown(board: Leaderboard) -> str:
     out += _md_table(["Method", *board.pair_labels], rows, [False] * (1 + len(board.pairs)))
 
     out += _md_negative_transfer(board)
+    out += _md_health(board)
     out += _md_warning(board)
     out += _md_selection(board)
 
@@ -1193,6 +1362,8 @@ def to_json(board: Leaderboard) -> str:
         "selection": _records(board.selection) if board.selection is not None else [],
         "negative_transfer_test": _plain_tree(board.nt_test),
         "warning_evaluation": _plain_tree(board.warning_eval),
+        "rank_groups": [{"methods": list(g.methods), "pairs": list(g.pairs),
+                         "left_out": [{"pair": p, "why": why} for p, why in g.left_out]} for g in board.rank_groups],
     }
     return json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 

@@ -181,6 +181,33 @@ def gain_matrix(board: Leaderboard) -> tuple[list[str], np.ndarray, np.ndarray]:
     return methods, gain, nt
 
 
+def health_marks(board: Leaderboard, methods: Sequence[str]) -> list[list[str]]:
+    """Per heatmap cell, the mark of a cell that is not a finding:
+    ``failed training``, ``not engaged``, ``reference failed`` or ``""``."""
+    out = []
+    for m in methods:
+        row = []
+        for p in board.pairs:
+            c = board.cell(m, p)
+            flag = str(c.get("nt_flag") or "")
+            row.append(flag if flag in ("failed training", "not engaged", "reference failed") else "")
+        out.append(row)
+    return out
+
+
+def _tick_label(label: str, width: int = 18) -> str:
+    """A pair label wrapped to lines of at most ``width`` characters: after
+    the arrow, before a variant's brackets, then at spaces and commas."""
+    import textwrap
+
+    head, sep, variant = label.partition(" [")
+    parts = head.replace("→", "→\n").split("\n") + ([f"[{variant}"] if sep else [])
+    lines = []
+    for part in parts:
+        lines += textwrap.wrap(part, width=width, break_long_words=True, break_on_hyphens=True) or [part]
+    return "\n".join(lines)
+
+
 def _nan(x: Any) -> bool:
     try:
         return x is None or math.isnan(float(x))
@@ -195,24 +222,33 @@ def _heatmap(board: Leaderboard) -> str | None:
     plt = _pyplot()
     from matplotlib.patches import Rectangle
 
+    marks = health_marks(board, methods)
+    short = {"failed training": "failed\ntraining", "not engaged": "not\nengaged", "reference failed": "ref.\nfailed"}
     lim = max(1.0, float(np.nanmax(np.abs(gain))))
-    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(board.pairs), 1.2 + 0.55 * len(methods)))
+    ticks = [_tick_label(lab) for lab in board.pair_labels]
+    lines = max(t.count("\n") + 1 for t in ticks)
+    fig, ax = plt.subplots(figsize=(2.2 + 1.45 * len(board.pairs), 1.0 + 0.14 * lines + 0.5 * len(methods)))
     im = ax.imshow(np.ma.masked_invalid(gain), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
-    ax.set_xticks(range(len(board.pairs)), [lab.replace("→", "→\n") for lab in board.pair_labels], fontsize=8)
+    ax.set_xticks(range(len(board.pairs)), ticks, fontsize=7.5)
     ax.set_yticks(range(len(methods)), methods, fontsize=9)
     for i in range(len(methods)):
         for j in range(len(board.pairs)):
             if np.isnan(gain[i, j]):
                 ax.text(j, i, "—", ha="center", va="center", fontsize=8, color="#666")
                 continue
-            label = f"{gain[i, j]:+.1f}" + ("\nNT" if nt[i, j] else "")
-            dark = abs(gain[i, j]) > 0.6 * lim
-            ax.text(j, i, label, ha="center", va="center", fontsize=8,
+            mark = marks[i][j]
+            label = f"{gain[i, j]:+.1f}" + ("\nNT" if nt[i, j] else "") + (f"\n{short[mark]}" if mark else "")
+            dark = abs(gain[i, j]) > 0.6 * lim and not mark
+            ax.text(j, i, label, ha="center", va="center", fontsize=7 if mark else 8, linespacing=1.0, zorder=4,
                     color="white" if dark else "black", fontweight="bold" if nt[i, j] else "normal")
+            if mark:  # not a finding: hatched grey over the colour
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="#dddddd", alpha=0.85, hatch="///",
+                                       edgecolor="#999999", lw=0, zorder=2))
             if nt[i, j]:
-                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", lw=2.5))
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", lw=2.5, zorder=3))
     fig.colorbar(im, ax=ax, label="gain over reference (points)")
-    ax.set_title("Target-accuracy gain over the pair's reference (NT: significant negative transfer)", fontsize=9)
+    ax.set_title("Target-accuracy gain over the pair's reference (NT: significant negative transfer;\n"
+                 "hatched: not a finding, training failed or adaptation never engaged)", fontsize=9)
     out = _png(fig)
     plt.close(fig)
     return out
@@ -291,8 +327,10 @@ def to_html(board: Leaderboard) -> str:
         figures.append(
             f'<figure id="gain-heatmap"><img alt="gain over reference heatmap" src="data:image/png;base64,{heat}">'
             f"<figcaption>Gain of each method over the pair's reference in percentage points (mean of per-seed "
-            f"differences); outlined <strong>NT</strong> cells are significant negative transfer (paired t-test, "
-            f"Holm-corrected).</figcaption></figure>"
+            f"differences); outlined <strong>NT</strong> cells are significant negative transfer (one-sided paired "
+            f"t-test per cell, see the negative-transfer section for each cell's minimum detectable effect); "
+            f"hatched cells are not findings (training failed, adaptation never engaged, or the reference "
+            f"failed).</figcaption></figure>"
         )
     ranks, caption = _rank_plot(board)
     if ranks:

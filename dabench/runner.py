@@ -171,6 +171,27 @@ def label_free_extras(predictor: Any, task: Task, n_classes: int) -> dict[str, f
     return extras
 
 
+def labelled_extras(split: PairSplit, target_pred: np.ndarray) -> dict[str, float | str]:
+    """Per-run statistics the host computes with the labels it keeps, for the
+    labelled verdicts (never for the label-free warning): which target test
+    points the run got right (``target_correct``, :func:`dabench.verdicts.encode_bits`,
+    in test order: runs of one pair and seed share the points), and the
+    accuracy of always predicting the majority class of the source and target
+    test splits (``source_chance``, ``target_chance``) and their sizes
+    (``source_n``, ``target_n``), against which a failed training is
+    recognised (:mod:`dabench.health`)."""
+    from .source_model import chance_level
+    from .verdicts import encode_bits
+
+    return {
+        "target_correct": encode_bits(np.asarray(target_pred) == split.target_test.y),
+        "source_chance": chance_level(split.source_test.y, split.n_classes),
+        "target_chance": chance_level(split.target_test.y, split.n_classes),
+        "source_n": float(len(split.source_test.y)),
+        "target_n": float(len(split.target_test.y)),
+    }
+
+
 class _MemoPredictor:
     """A trained predictor whose ``predict_proba``/``embed`` results are kept
     per input array, for one evaluation: the validators and the label-free
@@ -248,6 +269,7 @@ def evaluate(predictor: Any, split: PairSplit, task: Task, validators: dict[str,
         scores.extras = label_free_extras(predictor, task, split.n_classes)
     except Exception as exc:  # statistics for the warning must not fail the run
         (log.debug if no_source else log.warning)("label-free statistics failed on %s: %s", split.name, exc)
+    scores.extras.update(labelled_extras(split, yhat))
     return metrics, scores
 
 
