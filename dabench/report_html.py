@@ -29,7 +29,7 @@ import numpy as np
 
 from .leaderboard import Leaderboard, LeaderboardError, to_markdown
 
-__all__ = ["to_html", "critical_difference", "NEMENYI_Q05"]
+__all__ = ["to_html", "critical_difference", "gain_matrix", "heatmap_figure", "health_marks", "NEMENYI_Q05"]
 
 #: Nemenyi critical values q_0.05 for k = 2..10 methods (Demšar 2006, Table 5a).
 NEMENYI_Q05 = {2: 1.960, 3: 2.343, 4: 2.569, 5: 2.728, 6: 2.850, 7: 2.949, 8: 3.031, 9: 3.102, 10: 3.164}
@@ -47,6 +47,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.nt{background:#f9d3d0;font-weight:600}
 td.better{background:#d5ecd5}
 td.warn{background:#fdebc8}
+td.nf{background:repeating-linear-gradient(135deg,#ececec 0 6px,#dcdcdc 6px 12px);color:#555}
 code{background:#f3f3f3;padding:0 .2em;border-radius:3px;font-size:.92em}
 figure{margin:1em 0}
 figcaption{font-size:.9em;color:#444;max-width:60em}
@@ -83,6 +84,8 @@ def _cell_class(text: str, right: bool) -> str:
         classes.append("num")
     if "**NT**" in text or "**negative transfer**" in text:
         classes.append("nt")
+    elif re.search(r"\[(failed training|not engaged)\]$|(failed training|not engaged|reference failed)$", text):
+        classes.append("nf")
     elif text.endswith(" better"):
         classes.append("better")
     elif text == "warning":
@@ -161,10 +164,11 @@ def _png(fig) -> str:
 
 def gain_matrix(board: Leaderboard) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(methods, gains in percentage points, NT mask) for the heatmap: every
-    method that is not the reference of all pairs and not a reference row."""
+    ranked method (not the baseline, a pair's reference or a row that uses
+    target labels) that is not the reference of all pairs."""
     methods = []
     for m in board.methods.to_dict("records"):
-        if m["reference"]:
+        if m["reference"] or not m.get("ranked", True):  # the baseline and the references: nothing to show
             continue
         cells = [board.cell(m["method"], p) for p in board.pairs]
         if all(c["nt_reference"] == m["method"] for c in cells):
@@ -195,16 +199,17 @@ def health_marks(board: Leaderboard, methods: Sequence[str]) -> list[list[str]]:
     return out
 
 
-def _tick_label(label: str, width: int = 18) -> str:
-    """A pair label wrapped to lines of at most ``width`` characters: after
-    the arrow, before a variant's brackets, then at spaces and commas."""
+def _tick_label(label: str, width: int = 22) -> str:
+    """A pair label on short lines for the heatmap's axis: a line break after
+    the arrow and before a variant's brackets, then at spaces (never inside
+    a word) so that lines stay within ``width`` characters where words allow."""
     import textwrap
 
     head, sep, variant = label.partition(" [")
     parts = head.replace("→", "→\n").split("\n") + ([f"[{variant}"] if sep else [])
     lines = []
     for part in parts:
-        lines += textwrap.wrap(part, width=width, break_long_words=True, break_on_hyphens=True) or [part]
+        lines += textwrap.wrap(part, width=width, break_long_words=False, break_on_hyphens=False) or [part]
     return "\n".join(lines)
 
 
@@ -216,6 +221,16 @@ def _nan(x: Any) -> bool:
 
 
 def _heatmap(board: Leaderboard) -> str | None:
+    fig = heatmap_figure(board)
+    if fig is None:
+        return None
+    out = _png(fig)
+    _pyplot().close(fig)
+    return out
+
+
+def heatmap_figure(board: Leaderboard):
+    """The gain heatmap as a matplotlib figure (None when there is nothing to show)."""
     methods, gain, nt = gain_matrix(board)
     if not methods or np.isnan(gain).all():
         return None
@@ -249,9 +264,24 @@ def _heatmap(board: Leaderboard) -> str | None:
     fig.colorbar(im, ax=ax, label="gain over reference (points)")
     ax.set_title("Target-accuracy gain over the pair's reference (NT: significant negative transfer;\n"
                  "hatched: not a finding, training failed or adaptation never engaged)", fontsize=9)
-    out = _png(fig)
-    plt.close(fig)
-    return out
+    _widen_until_labels_fit(fig, ax, len(board.pairs))
+    return fig
+
+
+def _widen_until_labels_fit(fig, ax, n_cols: int, gap_px: float = 8.0) -> None:
+    """Widen ``fig`` until every column is wider than its widest tick label
+    (plus a gap), so neighbouring pair labels never overlap, whatever the
+    font's metrics; the y labels and colour bar keep their size."""
+    for _ in range(4):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        need = max(t.get_window_extent(renderer).width for t in ax.get_xticklabels()) + gap_px
+        have = ax.get_window_extent(renderer).width / max(n_cols, 1)
+        if have >= need:
+            return
+        w, h = fig.get_size_inches()
+        extra = (need - have) * n_cols / fig.dpi
+        fig.set_size_inches(w + extra * 1.15, h)
 
 
 def critical_difference(avg_ranks: Sequence[float], n_datasets: int, alpha: float = 0.05) -> float:
@@ -268,11 +298,23 @@ def critical_difference(avg_ranks: Sequence[float], n_datasets: int, alpha: floa
 
 def _rank_plot(board: Leaderboard) -> tuple[str | None, str]:
     ranked = board.methods[board.methods["avg_rank"].notna()].sort_values("avg_rank")
+    groups = [g for g in board.rank_groups if g.pairs]
+    others = ""
+    if groups:  # the largest group: ranks of different groups are not comparable
+        first = groups[0]
+        ranked = ranked[ranked["method"].isin(first.methods)]
+        n_pairs = len(first.pairs)
+        complete = True
+        if len(groups) > 1:
+            others = (" Methods applying to other pairs are ranked among themselves (see \"Ranking\"): "
+                      + "; ".join(", ".join(g.methods) for g in groups[1:]) + ".")
+    else:
+        n_pairs = len(board.pairs)
+        complete = bool(ranked["complete"].all())
     if ranked.empty:
         return None, ""
     names, ranks = list(ranked["method"]), [float(r) for r in ranked["avg_rank"]]
-    complete = bool(ranked["complete"].all())
-    cd = critical_difference(ranks, len(board.pairs)) if complete and len(ranks) > 1 else math.nan
+    cd = critical_difference(ranks, n_pairs) if complete and len(ranks) > 1 else math.nan
     plt = _pyplot()
     k = len(names)
     fig, ax = plt.subplots(figsize=(8, 1.4 + 0.35 * k))
@@ -290,7 +332,8 @@ def _rank_plot(board: Leaderboard) -> tuple[str | None, str]:
         ax.plot([r, r, x_text], [0, y, y], color="#333", lw=0.9)
         ax.text(x_text, y, f"{n} ({r:.2f})", ha="right" if left else "left", va="center", fontsize=9)
         ax.plot(r, 0, "o", color="#333", ms=4)
-    caption = "Average rank over pairs (1 = best); reference rows are not ranked."
+    caption = (f"Average rank over the {n_pairs} pair(s) where every ranked method has a finding (1 = best); "
+               f"the baseline and reference rows are not ranked.")
     if not math.isnan(cd):
         ax.plot([lo, lo + cd], [1.2, 1.2], color="#b00", lw=2)
         ax.text(lo + cd / 2, 1.35, f"CD = {cd:.2f}", ha="center", va="bottom", fontsize=9, color="#b00")
@@ -303,15 +346,15 @@ def _rank_plot(board: Leaderboard) -> tuple[str | None, str]:
         for c, (i, j) in enumerate(cliques):
             y = -0.25 - 0.18 * c
             ax.plot([ranks[i] - 0.05, ranks[j] + 0.05], [y, y], color="#1f5fa8", lw=3)
-        caption += (f" Critical difference (Nemenyi, alpha = 0.05, Demšar 2006) over {len(board.pairs)} pairs: "
+        caption += (f" Critical difference (Nemenyi, alpha = 0.05, Demšar 2006) over {n_pairs} pairs: "
                     f"CD = {cd:.2f}; methods joined by a blue bar are not significantly different.")
     else:
-        caption += (" No critical difference is drawn: it needs 2-10 ranked methods with a result on every pair"
+        caption += (" No critical difference is drawn: it needs 2-10 methods ranked over the same pairs"
                     if not complete or k > 10 or k < 2 else "")
     ax.axis("off")
     out = _png(fig)
     plt.close(fig)
-    return out, caption
+    return out, caption + others
 
 
 # ---------------------------------------------------------------- page

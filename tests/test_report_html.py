@@ -109,3 +109,68 @@ def test_page_in_headless_chromium(page, tmp_path):
     # not blank: text, table borders and plot colours
     assert img.std() > 10 and len(np.unique(img.reshape(-1, 3), axis=0)) > 50
     assert (img.min(axis=2) < 60).mean() > 0.005  # dark text pixels are present
+
+
+def _quick_like_board():
+    """A board with the quick suite's seven column labels (long names, protocol variants) and
+    13 methods, one cell never engaged and one training failed."""
+    from dabench.store import canonical_json
+
+    shared = canonical_json({"k_target": 0, "feature_space": "shared"})
+    native = canonical_json({"k_target": 3, "feature_space": "native"})
+    pairs = [("condshift-source:condshift-target", shared), ("covshift-source:covshift-target", shared),
+             ("digits:mnist", native), ("digits:mnist", shared), ("labelshift-source:labelshift-target", shared),
+             ("mnist:mnistm", shared), ("moons:moons-rot35", shared)]
+    methods = ["dann", "cdan", "cbst", "self-ensembling", "can", "iw-discriminative", "iw-kliep", "fine-tuning",
+               "frozen-features", "a-method-with-a-long-name"]
+    rows = []
+    rng = np.random.default_rng(0)
+    for (pair, proto) in pairs:
+        is_native = proto == native
+        ms = (["target-only-k", "stn", "gw-hda"] if is_native else ["source-only", *methods])
+        for seed in range(3):
+            for m in ms + ["target-oracle"]:
+                r = {"key": f"{pair}{proto}{m}{seed}", "suite": "quick", "pair": pair, "method": m, "params": "{}",
+                     "point": 0, "seed": seed, "status": "ok", "protocol": proto, "budget": "{}",
+                     "reference": int(m == "target-oracle"), "target_acc": float(rng.uniform(0.2, 0.95)),
+                     "source_acc": None if is_native else 0.95, "x_source_chance": 0.5, "x_source_n": 400.0}
+                if m == "self-ensembling" and pair == "mnist:mnistm":
+                    r["x_diag_mask_rate"] = 0.0
+                if m == "can" and pair == "moons:moons-rot35" and seed == 1:
+                    r["source_acc"] = 0.5
+                rows.append(r)
+    return compute_leaderboard(rows)
+
+
+def test_heatmap_labels_do_not_overlap():
+    """Part of issue 11: the tick labels of the gain heatmap (long pair names, protocol variants)
+    and the text in its cells stay apart when drawn."""
+    from dabench.report_html import heatmap_figure, health_marks
+
+    b = _quick_like_board()
+    fig = heatmap_figure(b)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    r = fig.canvas.get_renderer()
+    ticks = [t.get_window_extent(r) for t in ax.get_xticklabels()]
+    assert len(ticks) == 7
+    for i in range(len(ticks) - 1):  # neighbouring labels leave a gap
+        assert ticks[i].x1 < ticks[i + 1].x0, (i, ticks[i], ticks[i + 1])
+    ylabels = [t.get_window_extent(r) for t in ax.get_yticklabels()]
+    for i in range(len(ylabels) - 1):
+        assert not ylabels[i].overlaps(ylabels[i + 1])
+    # every cell's text stays inside its cell
+    cells = [t for t in ax.texts]
+    cell_w = (ax.get_window_extent(r).width) / 7
+    cell_h = (ax.get_window_extent(r).height) / len(ylabels)
+    for t in cells:
+        bb = t.get_window_extent(r)
+        assert bb.width < cell_w and bb.height < cell_h, t.get_text()
+    methods = [t.get_text() for t in ax.get_yticklabels()]
+    assert "source-only" not in methods and "target-only-k" not in methods and "target-oracle" not in methods
+    marks = health_marks(b, methods)
+    assert marks[methods.index("self-ensembling")][5] == "not engaged"
+    assert marks[methods.index("can")][6] == "failed training"
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

@@ -140,7 +140,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         col = _pilot_column(p, loss)
         per_flip = loss[col] / args.pilot_flip
         flips[i] = float(min(0.5, max(0.01, args.target_loss / per_flip))) if per_flip > 0 else 0.5
-    (work / "flips.json").write_text(json.dumps({"per_unit_flip_loss": loss, "flips": flips}, indent=1))
+    (work / "flips.json").write_text(json.dumps({"pilot_loss": loss, "pilot_flip": args.pilot_flip,
+                                                "flips": flips}, indent=1))
     for i, p in enumerate(pairs):
         suite = work / f"pair{i}.toml"
         suite.write_text(_suite_text(base, f"calib-pair{i}", [p], {i: flips[i]}, args.lr))
@@ -181,7 +182,10 @@ def _load(work: Path, pool: int) -> dict[str, dict]:
     for folder in sorted(work.glob("pair*")):
         if not (folder / "runs.sqlite").exists():
             continue
-        df = _frame(RunStore(folder, create=False).rows())
+        rows = RunStore(folder, create=False).rows()
+        if not rows:
+            continue
+        df = _frame(rows)
         df = df.assign(column=_columns(df))
         df = df[(df["status"] == "ok") & (df["seed"] < pool)]
         for col, g in df.groupby("column"):
