@@ -34,9 +34,10 @@ extras recorded with :mod:`dabench.diagnostics`, and the host's accuracies):
   of always predicting the majority class of the source test split
   (``source_chance``) by more than two binomial standard errors of that
   rate (at least one point).  The shared source model's validation accuracy
-  (``source_model_val_acc``) is checked the same way, and a model that never
-  saw source data (a target-only model on a heterogeneous pair, no source
-  accuracy) is judged on target accuracy against ``target_chance``.  A cell
+  (``source_model_val_acc``) is checked the same way; a model trained on
+  target labels only (``target-oracle``, ``target-only-k``) or that never saw
+  source data (no source accuracy) is judged on target accuracy against
+  ``target_chance`` instead.  A cell
   with any such run is marked and never ranked; where the pair's reference
   failed, the cells compared with it get no verdict.
 """
@@ -83,8 +84,9 @@ ENGAGEMENT_RULES: tuple[tuple[str, str], ...] = (
 
 FAILED_TRAINING_RULE = (
     "source test accuracy not above always predicting the source's majority class by more than two binomial "
-    "standard errors (at least 1 point); the same for the shared source model's validation accuracy; a model "
-    "that never saw source data (no source accuracy) on target accuracy"
+    "standard errors (at least 1 point); the same for the shared source model's validation accuracy; models "
+    "trained on target labels only (target-oracle, target-only-k) and models without source accuracy are judged "
+    "on target accuracy against the target's majority class instead"
 )
 
 
@@ -153,9 +155,12 @@ class RunHealth:
     failed_training: str | None
 
 
-def run_health(row: Mapping[str, Any]) -> RunHealth:
+def run_health(row: Mapping[str, Any], target_trained: bool = False) -> RunHealth:
     """Health of one stored run (a ``RunStore.rows()`` dict: ``x_diag_*``,
-    ``x_source_chance`` ... extras)."""
+    ``x_source_chance`` ... extras).  ``target_trained``: the run's model
+    learns from target labels only (``target-oracle``, ``target-only-k``), so
+    its training is judged on target accuracy (its source accuracy says how a
+    target model transfers back, not whether it learned)."""
     diag = {k[len("x_diag_"):]: _num(row, k) for k in row if k.startswith("x_diag_")}
     diag = {k: v for k, v in diag.items() if v is not None}
     if "engaged" in diag:
@@ -164,10 +169,12 @@ def run_health(row: Mapping[str, Any]) -> RunHealth:
     else:
         engaged, nv = _engaged_by_rules(diag)
         never = tuple(nv) if engaged is False else ()
-    return RunHealth(engaged, never, _failed_training(row))
+    return RunHealth(engaged, never, _failed_training(row, target_trained))
 
 
-def _failed_training(row: Mapping[str, Any]) -> str | None:
+def _failed_training(row: Mapping[str, Any], target_trained: bool = False) -> str | None:
+    if target_trained:
+        return _target_at_chance(row, "for a model trained on target labels")
     n_src = _num(row, "x_source_n")
     src, chance = _num(row, "source_acc"), _num(row, "x_source_chance")
     if chance is None:  # stores from before source_chance: 1 / classes when the class count is known
@@ -179,11 +186,14 @@ def _failed_training(row: Mapping[str, Any]) -> str | None:
     if val is not None and at_chance(val, chance, int(n_src) if n_src else None):
         return f"shared source model's validation accuracy {100 * val:.1f} % at chance ({100 * chance:.1f} %)"
     if src is None:
-        tgt, tchance = _num(row, "target_acc"), _num(row, "x_target_chance")
-        n_t = _num(row, "x_target_n")
-        if at_chance(tgt, tchance, int(n_t) if n_t else None):
-            return (f"target accuracy {100 * tgt:.1f} % at chance ({100 * tchance:.1f} %) for a model without "
-                    f"source data")
+        return _target_at_chance(row, "for a model without source data")
+    return None
+
+
+def _target_at_chance(row: Mapping[str, Any], why: str) -> str | None:
+    tgt, tchance, n_t = _num(row, "target_acc"), _num(row, "x_target_chance"), _num(row, "x_target_n")
+    if at_chance(tgt, tchance, int(n_t) if n_t else None):
+        return f"target accuracy {100 * tgt:.1f} % at chance ({100 * tchance:.1f} %) {why}"
     return None
 
 

@@ -721,7 +721,9 @@ def compute_leaderboard(
     references = {reference_method, *pair_ref.values()}
     ranked = {m: not reference.get(m, False) and m not in references for m in methods_all}
     # run health (dabench.health): engagement from the methods' signals, failed trainings
-    health = {(r["column"], r["method"], int(r["seed"])): run_health(r) for r in ok_runs.to_dict("records")}
+    health = {(r["column"], r["method"], int(r["seed"])):
+              run_health(r, target_trained=reference.get(r["method"], False) or r["method"] == FEWSHOT_REFERENCE)
+              for r in ok_runs.to_dict("records")}
     diag_cols = sorted(c for c in df.columns if c.startswith("x_diag_"))
 
     cell_rows = []

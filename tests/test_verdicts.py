@@ -229,3 +229,20 @@ def test_a_plugin_that_never_engages_is_marked_in_every_format(tmp_path):
     paths = write_reports(res, tmp_path / "out", formats=("md", "csv", "json", "html"))
     for fmt, path in paths.items():
         assert "not engaged" in path.read_text(encoding="utf-8"), fmt
+
+
+def test_models_trained_on_target_labels_are_judged_on_the_target():
+    """An oracle's source accuracy can sit at chance legitimately (e.g. under conditional shift
+    the target's concept contradicts the source's): it failed only if its *target* accuracy is at chance."""
+    oracle = {"source_acc": 0.5, "target_acc": 0.97, "x_source_chance": 0.5, "x_source_n": 400.0,
+              "x_target_chance": 0.5, "x_target_n": 1000.0}
+    assert run_health(oracle, target_trained=True).failed_training is None
+    assert "trained on target labels" in run_health(dict(oracle, target_acc=0.5), target_trained=True).failed_training
+    rows = []
+    for seed in range(2):
+        for m, tacc in (("source-only", 0.6), ("target-oracle", 0.97)):
+            r = _record(P1, m, 0, seed, {}, tacc=tacc, sacc=0.5 if m == "target-oracle" else 0.95)
+            r.update({"key": f"{m}{seed}", "x_source_chance": 0.5, "x_source_n": 400.0, "x_target_chance": 0.5,
+                      "x_target_n": 1000.0})
+            rows.append(r)
+    assert compute_leaderboard(rows).cell("target-oracle", P1)["health"] == "ok"
