@@ -23,15 +23,20 @@ Rules (see DESIGN.md, "Leaderboards and negative transfer"):
   selected point; the gap to the pair's reference (source-only; target-only-k
   where the protocol gives labelled target samples or native feature spaces)
   as the mean of per-seed differences over the seeds both have ok, with a
-  paired t-test over seeds, Holm-corrected over each method's pairs, and a
-  verdict (negative transfer / n.s. / better); a label-free warning score and
-  how well it predicts that verdict; an oracle-selection table (upper bound)
-  and each validator's selection gap; source accuracy and
-  forgetting (method source accuracy minus source-only source accuracy,
-  paired by seed: negative means source accuracy was lost).
-- Ranks per pair over ranked methods (not reference rows such as
-  target-oracle) by mean target accuracy, 1 = best, ties share the average
-  rank; a method's average rank is over the pairs where it has a result.
+  one-sided paired t-test over seeds per cell and the cell's minimum
+  detectable effect (:mod:`dabench.verdicts`, calibrated by
+  ``benchmarks/calibration``), and a verdict (negative transfer / n.s. /
+  better); run health (:mod:`dabench.health`): cells whose adaptation never
+  engaged or with a failed training are marked and are not findings; a
+  label-free warning score and how well it predicts that verdict; an
+  oracle-selection table (upper bound) and each validator's selection gap;
+  source accuracy and forgetting (method source accuracy minus source-only
+  source accuracy, paired by seed: negative means source accuracy was lost).
+- Ranks (:mod:`dabench.ranking`): references (the baseline, each pair's
+  reference, rows that use target labels) are not ranked; ranked methods
+  applying to the same pairs are ranked by mean target accuracy (1 = best,
+  ties share the average rank) over the pairs where each of them has a
+  finding, and a method's average rank is over those pairs.
 """
 
 from __future__ import annotations
@@ -96,19 +101,27 @@ class Leaderboard:
       n_failed, n_skipped, target_acc_mean, target_acc_std, target_f1_mean,
       source_acc_mean, gap_mean, gap_std, gap_n, forgetting_mean,
       forgetting_n, rank, wall_time_s_mean, peak_mem_mb_mean, protocol,
-      budget``, then the negative-transfer columns ``nt_reference`` (the
-      pair's reference: source-only, or target-only-k with labelled target
-      samples or native feature spaces; ``gap_*`` are against it), ``nt_n``,
-      ``nt_t``, ``nt_p``, ``nt_p_holm``, ``nt_flag`` (``negative transfer``,
-      ``n.s.``, ``better`` or ``n/a``) and the label-free warning's scores
-      ``warn_*`` and ``warn_flag``.
+      budget``, the health columns ``engagement`` (``engaged``/``partly``/
+      ``never``/None), ``engagement_note``, ``n_failed_training``,
+      ``failed_training_note``, ``health`` (``ok``, ``not engaged``,
+      ``failed training``), then the negative-transfer columns
+      ``nt_reference`` (the pair's reference: source-only, or target-only-k
+      with labelled target samples or native feature spaces; ``gap_*`` are
+      against it), ``nt_n``, ``nt_t``, ``nt_p`` (two-sided), ``nt_p_worse``,
+      ``nt_p_better`` (one-sided: the verdict's), ``nt_p_holm``, ``nt_mde``
+      (minimum detectable loss), ``nt_flag`` (``negative transfer``,
+      ``n.s.``, ``better``, ``n/a``, or ``failed training`` / ``not
+      engaged`` / ``reference failed`` for cells that are not findings), the
+      label-free warning's scores ``warn_*`` and ``warn_flag``, and last the
+      mean of every recorded health signal ``diag_<name>``.
     - ``selection``: per (method, pair, validator) with several points, the
       validator's and the oracle's choice and the selection gap.
     - ``nt_test`` and ``warning_eval``: the test's settings (and a power
       warning), and the warning's precision, recall and AUROC.
     - ``methods``: one row per method in display order (ranked methods by
-      average rank, then reference rows), with ``mean_acc`` (over the pairs
-      with a result), ``complete`` (a result on every pair), ``avg_rank``,
+      rank group and average rank, then the baseline and reference rows),
+      with ``mean_acc`` (over the pairs with a result), ``complete`` (a result
+      on every pair), ``avg_rank``, ``rank_group``,
       ``mean_gap``, ``mean_forgetting``, run counts and cost.
     - ``points``: one row per (pair, method, point) with its validator mean,
       run counts and ``selected``.
