@@ -53,7 +53,7 @@ import pandas as pd
 from .health import ENGAGEMENT_RULES, FAILED_TRAINING_RULE, RunHealth, cell_engagement, run_health
 from .ranking import RankGroup, rank_cells
 from .verdicts import NT_ALPHA as _VERDICT_ALPHA
-from .verdicts import NT_POWER, minimum_detectable_effect, nt_verdict
+from .verdicts import NT_POWER, decode_bits, minimum_detectable_effect, nt_verdict, point_sd
 
 __all__ = [
     "Leaderboard",
@@ -426,9 +426,11 @@ def _negative_transfer(
     Verdict (:func:`dabench.verdicts.nt_verdict`): the per-seed
     target-accuracy differences to the pair's reference run of the same seed,
     a one-sided paired t-test per cell at ``NT_ALPHA`` for "worse" (flag
-    ``negative transfer``) and for "better" (``better``), else ``n.s.``, with
-    the cell's minimum detectable effect ``nt_mde`` (the loss flagged with 80 %
-    probability given the observed spread and seed count); ``n/a`` for the
+    ``negative transfer``) and for "better" (``better``), else ``n.s.``, whose
+    spread is never taken below the test points' sampling spread of a gap
+    (``nt_point_sd``, from the stored per-point correctness), with the
+    cell's minimum detectable effect ``nt_mde`` (the loss flagged with 80 %
+    probability given that spread and the seed count); ``n/a`` for the
     reference itself, reference rows (target-supervised), and cells with fewer
     than 2 paired seeds.  Cells that are not findings get their health as
     verdict: ``failed training`` (a run of the cell), ``not engaged``
@@ -453,13 +455,13 @@ def _negative_transfer(
     """
     by_run = {(r["pair"], r["method"], int(r["seed"])): r for r in ok_runs.to_dict("records")}
     failed = set(failed_training)
-    keys = ("nt_n", "nt_t", "nt_p", "nt_p_worse", "nt_p_better", "nt_mde", "nt_flag")
+    keys = ("nt_n", "nt_t", "nt_p", "nt_p_worse", "nt_p_better", "nt_point_sd", "nt_mde", "nt_flag")
     cols: dict[str, list[Any]] = {k: [] for k in keys}
     warn_rows: list[dict[str, float]] = []
     for r in cells.to_dict("records"):
         ref = pair_ref[r["pair"]]
         testable = r["status"] == "ok" and r["method"] != ref and not reference.get(r["method"], False)
-        diffs, seed_scores, ref_failed = [], [], False
+        diffs, seed_scores, ref_failed, bits = [], [], False, ([], [])
         if testable:
             for (pair, m, seed), run in by_run.items():
                 if pair != r["pair"] or m != r["method"]:
@@ -470,8 +472,10 @@ def _negative_transfer(
                 ref_failed |= (pair, ref, seed) in failed
                 if not _isnan(run["target_acc"]) and not _isnan(base["target_acc"]):
                     diffs.append(float(run["target_acc"]) - float(base["target_acc"]))
+                    bits[0].append(decode_bits(run.get("x_target_correct")))
+                    bits[1].append(decode_bits(base.get("x_target_correct")))
                 seed_scores.append(_warning_scores(run, base, validators))
-        v = nt_verdict(diffs if testable else [], NT_ALPHA, NT_POWER)
+        v = nt_verdict(diffs if testable else [], NT_ALPHA, NT_POWER, point_sd=point_sd(*bits) if testable else None)
         if not testable:
             flag = "n/a"
         elif r.get("health") == "failed training":
@@ -483,7 +487,7 @@ def _negative_transfer(
         else:
             flag = v.flag
         two_sided = min(1.0, 2 * min(v.p_worse, v.p_better)) if v.n >= 2 else math.nan
-        for k, x in zip(keys, (v.n, v.t, two_sided, v.p_worse, v.p_better, v.mde, flag)):
+        for k, x in zip(keys, (v.n, v.t, two_sided, v.p_worse, v.p_better, v.point_sd, v.mde, flag)):
             cols[k].append(x)
         names = sorted({k for d in seed_scores for k in d})
         w = {k: float(np.mean([d[k] for d in seed_scores if k in d])) for k in names}
@@ -497,9 +501,9 @@ def _negative_transfer(
     out["nt_p_holm"] = math.nan
     for m, idx in out.groupby("method").groups.items():
         out.loc[idx, "nt_p_holm"] = holm(out.loc[idx, "nt_p"].tolist())
-    order = [c for c in out.columns if c not in ("nt_p_holm", "nt_mde", "nt_flag")]
+    order = [c for c in out.columns if c not in ("nt_p_holm", "nt_point_sd", "nt_mde", "nt_flag")]
     i = order.index("nt_p_better") + 1
-    out = out[order[:i] + ["nt_p_holm", "nt_mde", "nt_flag"] + order[i:]]
+    out = out[order[:i] + ["nt_p_holm", "nt_point_sd", "nt_mde", "nt_flag"] + order[i:]]
     warn = pd.DataFrame(warn_rows, index=out.index)
     for c in ["warn_prior_drift", "warn_prior_drift_beyond_noise", "warn_disagreement",
               *[f"warn_val_{v}" for v in validators]]:
@@ -523,16 +527,17 @@ def _nt_test_info(cells: pd.DataFrame, seeds: Sequence[int]) -> dict[str, Any]:
     mde = tested["nt_mde"].astype(float)
     blind = tested[~(mde <= NT_VISIBLE_LOSS)]
     info: dict[str, Any] = {
-        "test": "one-sided paired t-test over seeds per cell (method vs the pair's reference, same seed): "
-                "negative transfer when significantly worse, better when significantly better",
+        "test": "one-sided paired t-test over seeds per cell (method vs the pair's reference, same seed), its "
+                "spread never below the test points' sampling spread of a gap: negative transfer when "
+                "significantly worse, better when significantly better",
         "correction": f"none: each cell is tested at level {NT_ALPHA}, so about {NT_ALPHA:.0%} of the cells without "
                       f"an effect are flagged by chance; nt_p_holm (CSV, JSON) is the two-sided p-value "
                       f"Holm-adjusted over each method's pairs, for a family-wise reading",
         "alpha": NT_ALPHA,
         "power": NT_POWER,
         "visible_loss": NT_VISIBLE_LOSS,
-        "mde_rule": f"the loss the test flags with {NT_POWER:.0%} probability given the cell's observed standard "
-                    f"deviation of per-seed gaps and its number of paired seeds (noncentral t)",
+        "mde_rule": f"the loss the test flags with {NT_POWER:.0%} probability given the cell's spread of per-seed "
+                    f"gaps (as the test uses it) and its number of paired seeds (noncentral t)",
         "n_seeds": len(seeds),
         "min_paired_seeds": n,
         "max_pairs_per_method": m,
@@ -546,7 +551,7 @@ def _nt_test_info(cells: pd.DataFrame, seeds: Sequence[int]) -> dict[str, Any]:
         "power_warning": None,
     }
     if len(blind):
-        sds = tested["gap_std"].astype(float)
+        sds = np.fmax(tested["gap_std"].astype(float), tested["nt_point_sd"].astype(float))
         more = [f"{k} seeds {sum(minimum_detectable_effect(sd, k) <= NT_VISIBLE_LOSS for sd in sds)}"
                 for k in (5, 10, 20) if k > n]
         info["power_warning"] = (

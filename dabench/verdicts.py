@@ -7,11 +7,14 @@ statistics, apart from the table assembly:
 
 - :func:`nt_verdict`: the test the report uses, a **one-sided paired
   t-test over seeds per cell** at :data:`NT_ALPHA` for "worse than the
-  reference" (and, separately, for "better"), with the cell's **minimum
-  detectable effect** (:func:`minimum_detectable_effect`): the loss the test
-  flags with probability :data:`NT_POWER` given the cell's observed spread
-  of per-seed gaps and its number of seeds.  A cell that reads "n.s." thus
-  says which losses it could not have seen.
+  reference" (and, separately, for "better"), whose spread of per-seed gaps
+  is never taken below the sampling spread the finite test set alone gives a
+  gap (:func:`point_sd`, from the stored per-point correctness): three seeds
+  that agree by chance to a tenth of a point do not make a tenth of a point
+  significant.  With it, the cell's **minimum detectable effect**
+  (:func:`minimum_detectable_effect`): the loss the test flags with
+  probability :data:`NT_POWER` given that spread and the number of seeds.  A
+  cell that reads "n.s." thus says which losses it could not have seen.
 - Per-test-point correctness, stored per run as a compact text
   (:func:`encode_bits` / :func:`decode_bits`), and two tests that use it,
   kept for the calibration (``benchmarks/calibration``) which compares them
@@ -51,6 +54,7 @@ __all__ = [
     "minimum_detectable_effect",
     "nt_verdict",
     "one_sided_t",
+    "point_sd",
     "points_only_p",
 ]
 
@@ -90,9 +94,10 @@ def decode_bits(text: object) -> np.ndarray | None:
 # ---------------------------------------------------------------- the verdict
 
 
-def one_sided_t(diffs: Sequence[float]) -> tuple[float, float, float]:
+def one_sided_t(diffs: Sequence[float], sd_floor: float = 0.0) -> tuple[float, float, float]:
     """Paired t statistic of ``mean(diffs) = 0`` and its one-sided p-values
-    ``(t, p_worse, p_better)`` (``p_worse`` tests ``mean < 0``).
+    ``(t, p_worse, p_better)`` (``p_worse`` tests ``mean < 0``), with the
+    differences' standard deviation taken as at least ``sd_floor``.
 
     With zero spread the statistic is undefined (NaN): identical negative
     differences give ``p_worse = 0``, identical positive ones ``p_better = 0``,
@@ -104,7 +109,7 @@ def one_sided_t(diffs: Sequence[float]) -> tuple[float, float, float]:
     n = len(d)
     if n < 2:
         return math.nan, math.nan, math.nan
-    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    mean, sd = float(d.mean()), max(float(d.std(ddof=1)), float(sd_floor or 0.0))
     if sd <= 1e-12 * max(1.0, abs(mean)):
         if abs(mean) <= 1e-12:
             return math.nan, 1.0, 1.0
@@ -144,8 +149,10 @@ def minimum_detectable_effect(sd: float, n: int, alpha: float = NT_ALPHA, power:
 class NTVerdict:
     """One cell's verdict: ``flag`` is ``negative transfer`` (``p_worse <
     alpha``), ``better`` (``p_better < alpha``), ``n.s.`` or ``n/a`` (fewer
-    than 2 paired seeds); ``mde`` the minimum detectable loss (a positive
-    fraction of accuracy, NaN when unknown)."""
+    than 2 paired seeds); ``sd`` the spread of per-seed gaps the test used
+    (the seeds' sample standard deviation, or the test points' sampling
+    standard deviation ``point_sd`` where that is larger); ``mde`` the minimum
+    detectable loss (a positive fraction of accuracy, NaN when unknown)."""
 
     n: int
     mean: float
@@ -155,16 +162,38 @@ class NTVerdict:
     p_better: float
     flag: str
     mde: float
+    point_sd: float = math.nan
 
 
-def nt_verdict(diffs: Sequence[float], alpha: float = NT_ALPHA, power: float = NT_POWER) -> NTVerdict:
+def point_sd(correct_method: Sequence[np.ndarray | None], correct_ref: Sequence[np.ndarray | None]) -> float:
+    """The standard deviation of one seed's accuracy gap that comes from the
+    finite test set alone: ``sqrt(mean over seeds of var(c_m - c_r) / n_s)``
+    from the paired per-point correctness of the method and the reference
+    (the same test points per seed).  NaN when a seed lacks its vectors or
+    they differ in length."""
+    vs = []
+    for a, b in zip(correct_method, correct_ref):
+        if a is None or b is None or len(a) != len(b) or len(a) < 2:
+            return math.nan
+        d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+        vs.append(d.var(ddof=1) / len(d))
+    return math.sqrt(float(np.mean(vs))) if vs else math.nan
+
+
+def nt_verdict(diffs: Sequence[float], alpha: float = NT_ALPHA, power: float = NT_POWER,
+               point_sd: float | None = None) -> NTVerdict:
     """The per-cell verdict from the per-seed accuracy gaps (method minus
-    reference, same seed)."""
+    reference, same seed).  ``point_sd`` (:func:`point_sd`), when known, is
+    a floor on the gaps' standard deviation: a gap measured on a finite test
+    set varies at least that much from seed to seed, so three seeds that
+    happen to agree to a tenth of a point do not make a tenth of a point
+    significant."""
     d = np.asarray([x for x in diffs if x is not None and math.isfinite(x)], dtype=np.float64)
     n = len(d)
+    floor = float(point_sd) if point_sd is not None and math.isfinite(point_sd) else 0.0
     mean = float(d.mean()) if n else math.nan
-    sd = float(d.std(ddof=1)) if n > 1 else math.nan
-    t, pw, pb = one_sided_t(d)
+    sd = max(float(d.std(ddof=1)), floor) if n > 1 else math.nan
+    t, pw, pb = one_sided_t(d, floor)
     if n < 2:
         flag = "n/a"
     elif pw < alpha:
@@ -173,7 +202,8 @@ def nt_verdict(diffs: Sequence[float], alpha: float = NT_ALPHA, power: float = N
         flag = "better"
     else:
         flag = "n.s."
-    return NTVerdict(n, mean, sd, t, pw, pb, flag, minimum_detectable_effect(sd, n, alpha, power))
+    return NTVerdict(n, mean, sd, t, pw, pb, flag, minimum_detectable_effect(sd, n, alpha, power),
+                     floor if floor > 0 else math.nan)
 
 
 # ---------------------------------------------------------------- tests kept for the calibration
