@@ -13,10 +13,14 @@ as canonical JSON text.
 Tables: ``runs`` (one row per run), ``scores`` (one row per run and
 validator), ``source_models`` (one row per shared source model a sweep
 trained: pair, seed, backbone, recipe, source validation accuracy; see
-:mod:`dabench.source_model`) and ``extras`` (label-free per-run statistics the leaderboard's
-negative-transfer warning uses, one small row per run and name: a number in
-``value`` or a short text in ``text``, e.g. the predicted target class
-prior, or the predicted classes of the first target points).  ``extras``
+:mod:`dabench.source_model`) and ``extras`` (per-run statistics, one small
+row per run and name: a number in ``value`` or a short text in ``text``):
+label-free ones for the negative-transfer warning (e.g. the predicted target
+class prior, or the predicted classes of the first target points), the
+methods' health signals (``diag_<name>``), and the host's labelled ones for
+the verdicts (``target_correct``: which target test points the run got right,
+packed bits as text; ``source_chance`` / ``target_chance`` and the split
+sizes, against which a failed training is recognised).  ``extras``
 was added after schema 1 shipped; it is created on open, so older stores
 keep working (their runs simply have no extras).
 """
