@@ -38,6 +38,7 @@ this; see the README's "Negative transfer" section for its figures.
 from __future__ import annotations
 
 import base64
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -126,12 +127,18 @@ def minimum_detectable_effect(sd: float, n: int, alpha: float = NT_ALPHA, power:
     with ``n - 1`` degrees of freedom and noncentrality ``delta sqrt(n) / sd``.
 
     NaN with fewer than 2 seeds or an unknown spread; 0 with zero spread."""
-    from scipy import optimize, stats
-
     if n < 2 or sd is None or not math.isfinite(sd) or sd < 0:
         return math.nan
     if sd == 0:
         return 0.0
+    return _noncentrality(int(n), float(alpha), float(power)) * sd / math.sqrt(n)
+
+
+@functools.lru_cache(maxsize=256)
+def _noncentrality(n: int, alpha: float, power: float) -> float:
+    """The noncentrality at which the one-sided t-test over ``n`` seeds has ``power``."""
+    from scipy import optimize, stats
+
     df = n - 1
     crit = float(stats.t.isf(alpha, df))
 
@@ -141,8 +148,7 @@ def minimum_detectable_effect(sd: float, n: int, alpha: float = NT_ALPHA, power:
     hi = crit + 10.0
     while gap(hi) < 0:
         hi *= 2
-    nc = optimize.brentq(gap, 0.0, hi, xtol=1e-10)
-    return nc * sd / math.sqrt(n)
+    return float(optimize.brentq(gap, 0.0, hi, xtol=1e-12))
 
 
 @dataclass(frozen=True)

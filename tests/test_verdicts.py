@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import run_cli, write
+from conftest import write
 from dabench.health import at_chance, cell_engagement, run_health
 from dabench.leaderboard import compute_leaderboard, to_csv, to_json, to_markdown, write_reports
 from dabench.verdicts import (
@@ -210,17 +210,23 @@ def dabench_methods(register):
 
 
 def test_a_plugin_that_never_engages_is_marked_in_every_format(tmp_path):
-    """End to end: a plugin records its signals through dabench.diagnostics; the stored run carries
-    them and the host's labelled extras; every report format marks the cell."""
+    """End to end (in-process; tests/test_diagnostics.py covers the CLI and worker processes): a
+    plugin records its signals through dabench.diagnostics; the stored run carries them and the
+    host's labelled extras; every report format marks the cell."""
     from dabench.store import RunStore
 
+    from dabench.plugins import get_registry
+    from dabench.runner import Runner
+    from dabench.suite import parse_suite
+
     write(tmp_path / "p" / "inert.py", RECORDER)
-    suite = write(tmp_path / "s.toml", 'name = "h"\nseeds = 2\npairs = ["moons:moons-rot35"]\n'
-                                       '[budget]\nsteps = 30\n[methods.source-only]\n[methods.inert]\n')
+    reg = get_registry(tmp_path / "p")
+    suite = parse_suite(write(tmp_path / "s.toml", 'name = "h"\nseeds = 2\npairs = ["moons:moons-rot35"]\n'
+                                                   '[budget]\nsteps = 30\n[methods.source-only]\n[methods.inert]\n'),
+                        reg)
     res = tmp_path / "res"
-    r = run_cli("run", str(suite), "--results", str(res), "--plugins-dir", str(tmp_path / "p"))
-    assert r.returncode == 0, r.stderr
-    with RunStore(res, create=False) as st:
+    with RunStore(res) as st:
+        Runner(reg, st, device="cpu", plugins_dir=tmp_path / "p").run(suite)
         rows = st.rows()
     one = next(x for x in rows if x["method"] == "inert")
     assert one["x_diag_mask_rate_q4"] == 0.0 and decode_bits(one["x_target_correct"]) is not None
