@@ -365,10 +365,11 @@ def _figures(res: dict, out: Path) -> list[str]:
     pairs = sorted(res["pairs"])
     fig, ax = plt.subplots(figsize=(9, 4.2))
     for j, col in enumerate(pairs):
-        med = [100 * res["sizes"][str(s)]["per_pair"][col]["mde_null_median"] for s in sizes]
-        lo = [100 * res["sizes"][str(s)]["per_pair"][col]["mde_null_q25"] for s in sizes]
-        hi = [100 * res["sizes"][str(s)]["per_pair"][col]["mde_null_q75"] for s in sizes]
-        x = np.array(sizes) + (j - len(pairs) / 2) * 0.06
+        have = [s for s in sizes if col in res["sizes"][str(s)]["per_pair"]]
+        med = [100 * res["sizes"][str(s)]["per_pair"][col]["mde_null_median"] for s in have]
+        lo = [100 * res["sizes"][str(s)]["per_pair"][col]["mde_null_q25"] for s in have]
+        hi = [100 * res["sizes"][str(s)]["per_pair"][col]["mde_null_q75"] for s in have]
+        x = np.array(have) + (j - len(pairs) / 2) * 0.06
         ax.errorbar(x, med, yerr=[np.array(med) - lo, np.array(hi) - med], fmt="o-", capsize=2,
                     label=col.replace(":", "→"))
     ax.axhline(5, color="k", ls="--", lw=1)
@@ -420,7 +421,10 @@ def _markdown(res: dict, figs: list[str], cmdline: str) -> str:
     for col in sorted(res["pairs"]):
         cells = []
         for s in sizes:
-            pp = res["sizes"][str(s)]["per_pair"][col]
+            pp = res["sizes"][str(s)]["per_pair"].get(col)
+            if pp is None:
+                cells.append("—")
+                continue
             cells.append(f"MDE {100 * pp['mde_null_median']:.1f}, FP {100 * pp['false_positive_rate']:.0f} %, "
                          f"power {100 * pp['power_planted']:.0f} %")
         L.append(f"| {col.replace(':', '→')} | " + " | ".join(cells) + " |")
