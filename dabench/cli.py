@@ -89,7 +89,8 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
             rows.append({
                 "name": name, "family": cls.family, "version": str(cls.version),
                 "plugin": reg.owner.get(("method", name), ""),
-                "requires": sorted(cls.requires), "reference": bool(cls.reference),
+                "requires": sorted(cls.requires), "track": getattr(cls, "track", "uda"),
+                "reference": bool(cls.reference),
                 "paper": cls.paper,
                 "hyperparameters": {k: {"default": hp.default, "kind": hp.kind, "low": hp.low, "high": hp.high,
                                         "log": hp.log, "choices": list(hp.choices)}
@@ -133,7 +134,8 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
             console.out(f"{r['name']:<22} ERROR: {r['error']}")
         elif what == "methods":
             req = f"  requires: {', '.join(r['requires'])}" if r["requires"] else ""
-            console.out(f"{r['name']:<16} {r['family']:<13} v{r['version']:<4} [{r['plugin']}]{req}")
+            track = f"  track: {r['track']}" if r["track"] != "uda" else ""
+            console.out(f"{r['name']:<16} {r['family']:<13} v{r['version']:<4} [{r['plugin']}]{req}{track}")
         elif what == "datasets":
             console.out(f"{r['name']:<18} {r['label_space']:<11} {r['n_classes']:>3} classes  shape {tuple(r['shape'])}  "
                         f"{r['description']}")

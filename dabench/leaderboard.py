@@ -32,6 +32,12 @@ Rules (see DESIGN.md, "Leaderboards and negative transfer"):
 - Ranks per pair over ranked methods (not reference rows such as
   target-oracle) by mean target accuracy, 1 = best, ties share the average
   rank; a method's average rank is over the pairs where it has a result.
+- Tracks (:mod:`dabench.tracks`): every row has the track its method ran
+  under (``uda``, ``source-free``, ``test-time``; runs stored before the
+  field existed are ``uda``).  Ranks are computed **within a track** only
+  (the tracks give methods different data); the reference of every track
+  is the same untouched source model (``source-only``), so gaps and
+  negative-transfer verdicts are comparable across tracks.
 """
 
 from __future__ import annotations
@@ -67,9 +73,12 @@ _REQUIRED = ("pair", "method", "point", "seed", "status", "params")
 
 #: Optional columns, filled with missing values when a row lacks them.
 _OPTIONAL = (
-    "key", "suite", "method_version", "family", "reference", "protocol", "budget", "backbone", "reason",
+    "key", "suite", "method_version", "family", "reference", "protocol", "budget", "backbone", "track", "reason",
     "target_acc", "target_f1", "source_acc", "wall_time_s", "peak_mem_mb", "finished_at",
 )
+
+#: Display order of the tracks (dabench.contract.TRACKS); unknown tracks sort after them.
+TRACK_ORDER = ("uda", "source-free", "test-time")
 
 #: Decimals used when comparing mean accuracies for ranking, so that equal
 #: means computed in a different summation order still tie.
@@ -253,6 +262,7 @@ def _frame(runs: Iterable[Mapping[str, Any]] | pd.DataFrame) -> pd.DataFrame:
     df["seed"] = pd.to_numeric(df["seed"]).astype(int)
     for c in ("target_acc", "target_f1", "source_acc", "wall_time_s", "peak_mem_mb"):
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+    df["track"] = [("uda" if _isnan(t) or not str(t) else str(t)) for t in df["track"]]
     bad = sorted(set(df["status"]) - {"ok", "failed", "skipped"})
     if bad:
         raise LeaderboardError(f"unknown run status(es) {bad}; expected ok, failed or skipped")
@@ -662,6 +672,7 @@ def compute_leaderboard(
 
     pair_ref = {c: _pair_reference(pair_first[c]["protocol"], reference_method) for c in columns}
     family = df.groupby("method")["family"].agg(lambda s: next((str(v) for v in s if not _isnan(v)), ""))
+    track = df.groupby("method")["track"].agg(lambda s: next((str(v) for v in s if not _isnan(v)), "uda"))
 
     cell_rows = []
     for m in methods_all:
@@ -670,6 +681,7 @@ def compute_leaderboard(
             pt = points[(points["pair"] == col) & (points["method"] == m) & points["selected"]]
             row: dict[str, Any] = {
                 "method": m, "pair": col, "pair_label": pair_label(col), "family": family.get(m, ""),
+                "track": track.get(m, "uda"),
                 "reference": reference.get(m, False), "ranked": not reference.get(m, False),
             }
             ok = g[g["status"] == "ok"]
@@ -713,7 +725,7 @@ def compute_leaderboard(
             cell_rows.append(row)
     cells = pd.DataFrame(cell_rows)
     # a fixed column order for the CSV
-    order = ["method", "pair", "pair_label", "family", "reference", "ranked", "status", "skip_reason", "point",
+    order = ["method", "pair", "pair_label", "family", "track", "reference", "ranked", "status", "skip_reason", "point",
              "params", "n_points", "selection_score", "n_seeds_ok", "n_failed", "n_skipped", "target_acc_mean",
              "target_acc_std", "target_f1_mean", "source_acc_mean", "gap_mean", "gap_std", "gap_n",
              "forgetting_mean", "forgetting_n", "rank", "wall_time_s_mean", "peak_mem_mb_mean", "protocol", "budget"]
@@ -721,12 +733,13 @@ def compute_leaderboard(
     # keyed by column: one pair run under two protocols (e.g. shared and native) is two columns
     cells = _negative_transfer(cells, ok_runs.assign(pair=ok_runs["column"]), pair_ref, reference, available)
 
-    # ---- ranks per pair among ranked methods with a result
+    # ---- ranks per pair among ranked methods with a result, within each track
     has = (cells["status"] == "ok") & cells["ranked"] & cells["target_acc_mean"].notna()
     for col in columns:
-        idx = cells.index[has & (cells["pair"] == col)]
-        acc = cells.loc[idx, "target_acc_mean"].round(_RANK_DECIMALS)
-        cells.loc[idx, "rank"] = acc.rank(ascending=False, method="average")
+        for tr in sorted(set(cells["track"])):
+            idx = cells.index[has & (cells["pair"] == col) & (cells["track"] == tr)]
+            acc = cells.loc[idx, "target_acc_mean"].round(_RANK_DECIMALS)
+            cells.loc[idx, "rank"] = acc.rank(ascending=False, method="average")
 
     # ---- per-method summary
     n_pairs = len(columns)
@@ -737,7 +750,8 @@ def compute_leaderboard(
         r_all = df[df["method"] == m]
         ok_all = r_all[r_all["status"] == "ok"]
         meth_rows.append({
-            "method": m, "family": family.get(m, ""), "reference": reference[m], "ranked": not reference[m],
+            "method": m, "family": family.get(m, ""), "track": track.get(m, "uda"), "reference": reference[m],
+            "ranked": not reference[m],
             "baseline": m == reference_method,
             "n_pairs": n_pairs, "n_pairs_ok": len(res), "complete": len(res) == n_pairs,
             "mean_acc": float(res["target_acc_mean"].mean()) if len(res) else math.nan,
@@ -754,11 +768,13 @@ def compute_leaderboard(
     methods = pd.DataFrame(meth_rows)
     methods = methods.assign(
         _ref=methods["reference"].astype(int),
+        _track=[TRACK_ORDER.index(t) if t in TRACK_ORDER else len(TRACK_ORDER) for t in methods["track"]],
+        _tname=methods["track"],
         _norank=methods["avg_rank"].isna().astype(int),
         _rank=methods["avg_rank"].fillna(0.0).round(_RANK_DECIMALS),
         _acc=-methods["mean_acc"].fillna(-1.0).round(_RANK_DECIMALS),
-    ).sort_values(["_ref", "_norank", "_rank", "_acc", "method"], kind="mergesort")
-    methods = methods.drop(columns=["_ref", "_norank", "_rank", "_acc"]).reset_index(drop=True)
+    ).sort_values(["_ref", "_track", "_tname", "_norank", "_rank", "_acc", "method"], kind="mergesort")
+    methods = methods.drop(columns=["_ref", "_track", "_tname", "_norank", "_rank", "_acc"]).reset_index(drop=True)
 
     pos_m = {m: i for i, m in enumerate(methods["method"])}
     pos_c = {c: i for i, c in enumerate(columns)}
@@ -867,6 +883,40 @@ def _method_label(board: Leaderboard, row: Mapping[str, Any]) -> str:
     return str(row["method"])
 
 
+def _tracks_present(board: Leaderboard) -> list[str]:
+    present = set(board.methods["track"]) if "track" in board.methods else {"uda"}
+    return [t for t in TRACK_ORDER if t in present] + sorted(present - set(TRACK_ORDER))
+
+
+def _track_label(board: Leaderboard, row: Mapping[str, Any]) -> str:
+    """The Track column: the method's track; the baseline is every track's reference."""
+    track = str(row.get("track") or "uda")
+    if row["method"] == board.reference_method and len(_tracks_present(board)) > 1:
+        return f"{track} (reference of all)"
+    return track
+
+
+def _md_tracks(board: Leaderboard) -> list[str]:
+    """What each track present gives its methods, and how ranks treat tracks."""
+    from .contract import TRACKS
+
+    tracks = _tracks_present(board)
+    if tracks == ["uda"]:
+        return [f"Track: every method ran under `uda` ({TRACKS['uda']}).", ""]
+    out = ["Tracks (what a method is given; see `dabench.tracks`):", ""]
+    out += [f"- `{t}`: {TRACKS.get(t, 'a track this dabench does not know')}." for t in tracks]
+    out += [
+        "",
+        "**Ranks are within a track**: methods of different tracks see different data and are never ranked "
+        "against each other (Avg rank compares a method with the others of its track only). Every track's "
+        f"gaps and negative-transfer verdicts are against the same reference, `{board.reference_method}` (the "
+        "untouched shared source model, the starting point of every source-free and test-time method; it does "
+        "not adapt, so its accuracy is the same in every track), so gaps compare across tracks.",
+        "",
+    ]
+    return out
+
+
 def _seed_list(seeds: Iterable[Any]) -> str:
     return ", ".join(str(int(s)) for s in seeds)
 
@@ -907,7 +957,7 @@ def _md_negative_transfer(board: Leaderboard) -> list[str]:
         cells = [board.cell(m, col) for col in board.pairs]
         if all(c["nt_flag"] == "n/a" for c in cells):
             continue
-        line = [m]
+        line = [m, _track_label(board, mrow)]
         for c in cells:
             if c["nt_flag"] == "n/a":
                 line.append("—")
@@ -917,7 +967,7 @@ def _md_negative_transfer(board: Leaderboard) -> list[str]:
             line.append(f"{_signed_pct(c['gap_mean'])} (p{pv if pv.startswith('<') else '=' + pv}) {verdict}")
         rows.append(line)
     if rows:
-        out += _md_table(["Method", *board.pair_labels], rows, [False] * (1 + len(board.pairs)))
+        out += _md_table(["Method", "Track", *board.pair_labels], rows, [False] * (2 + len(board.pairs)))
     else:
         out.append("No cell could be tested (each needs a method and its reference ok on at least 2 seeds).")
     return out
@@ -1035,6 +1085,7 @@ def to_markdown(board: Leaderboard) -> str:
         f"reference rows use target labels and are not ranked.",
         "",
     ]
+    out += _md_tracks(board)
 
     n_max = max([int(n) for n in board.cells["n_seeds_ok"]] + [0])
     notes: dict[str, int] = {}
@@ -1042,7 +1093,7 @@ def to_markdown(board: Leaderboard) -> str:
     rows = []
     for mrow in board.methods.to_dict("records"):
         m = mrow["method"]
-        line = [_method_label(board, mrow)]
+        line = [_method_label(board, mrow), _track_label(board, mrow)]
         for col in board.pairs:
             c = board.cell(m, col)
             if c["status"] == "ok":
@@ -1068,8 +1119,8 @@ def to_markdown(board: Leaderboard) -> str:
         line.append(mean)
         line.append("—" if _isnan(mrow["avg_rank"]) else f"{float(mrow['avg_rank']):.2f}")
         rows.append(line)
-    headers = ["Method", *board.pair_labels, "Mean", "Avg rank"]
-    out += _md_table(headers, rows, [False] + [False] * len(board.pairs) + [True, True])
+    headers = ["Method", "Track", *board.pair_labels, "Mean", "Avg rank"]
+    out += _md_table(headers, rows, [False, False] + [False] * len(board.pairs) + [True, True])
     if n_max and any(int(n) < n_max for n in board.cells.loc[board.cells["status"] == "ok", "n_seeds_ok"]):
         out += ["", "[n=k]: only k seeds ok in that cell (the others failed or are missing)."]
     if notes:

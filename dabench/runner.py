@@ -213,10 +213,62 @@ class _MemoPredictor:
         return getattr(self._inner, name)
 
 
-def evaluate(predictor: Any, split: PairSplit, task: Task, validators: dict[str, Any]) -> tuple[dict, RunScores]:
+def _score_validators(validators: dict[str, Any], predictor: Any, task: Task, where: str,
+                      quiet: bool = False) -> RunScores:
+    """Every validator's score of ``predictor`` on ``task`` (None where it
+    fails: a broken validator must not fail the run).  A validator that
+    needs data the task's track withholds (e.g. ``source-val`` on a
+    source-free run) has no score there, as expected: no warning."""
+    from .tracks import TrackViolation
+
+    scores = RunScores()
+    for name, v in sorted(validators.items()):
+        try:
+            s = float(v.score(predictor, task))
+            scores[name] = s if math.isfinite(s) else None
+        except Exception as exc:
+            expected = quiet or isinstance(exc, TrackViolation)
+            (log.debug if expected else log.warning)("validator %s failed on %s: %s", name, where, exc)
+            scores[name] = None
+    return scores
+
+
+def evaluate_stream(adapter: Any, stream: tuple[np.ndarray, np.ndarray], split: PairSplit, task: Task,
+                    validators: dict[str, Any]) -> tuple[dict, RunScores]:
+    """Metrics and validator scores of a test-time run from the predictions
+    its adapter returned on the stream (``stream = (proba, order)`` from
+    :func:`dabench.tracks.run_stream`).  Source accuracy (forgetting) uses
+    the adapter's state after the stream when it offers ``predict_proba``;
+    validators see the stream (:func:`dabench.tracks.validator_view`); the
+    label-free extras are the stream's predicted class distribution."""
+    from .tracks import StreamedPredictor, stream_order, validator_view
+
+    proba, order = stream
+    yhat = proba.argmax(1)
+    metrics: dict[str, Any] = {
+        "target_acc": float((yhat == split.target_test.y).mean()),
+        "target_f1": macro_f1(split.target_test.y, yhat, split.n_classes),
+        "source_acc": None,
+    }
+    if callable(getattr(adapter, "predict_proba", None)):
+        # in a seeded shuffled order like the stream: an adapter normalising with batch statistics
+        # would otherwise see the split's class-sorted rows in single-class chunks
+        perm = stream_order(len(split.source_test), task.seed)
+        ps = _checked_proba(adapter, np.asarray(split.source_test.X)[perm], "source", split.n_classes)
+        metrics["source_acc"] = float((ps.argmax(1) == np.asarray(split.source_test.y)[perm]).mean())
+    X_stream = np.asarray(split.target_test.X)[order]
+    vtask = validator_view(task, "test-time", stream_X=X_stream)
+    scores = _score_validators(validators, StreamedPredictor(X_stream, proba[order], adapter), vtask, split.name)
+    scores.extras = {f"prior_pred_{c}": float(v) for c, v in enumerate(proba.mean(0))}
+    return metrics, scores
+
+
+def evaluate(predictor: Any, split: PairSplit, task: Task, validators: dict[str, Any],
+             extras_task: Task | None = None) -> tuple[dict, RunScores]:
     """Target/source metrics (with the host's labels) and the validator
-    scores; the scores carry the run's label-free extras
-    (:func:`label_free_extras`) to the store."""
+    scores (validators see ``task``, the method's view); the scores carry
+    the run's label-free extras (:func:`label_free_extras`, computed by the
+    host on ``extras_task``, default ``task``) to the store."""
     predictor = _MemoPredictor(predictor)
     pt = _checked_proba(predictor, split.target_test.X, "target", split.n_classes)
     yhat = pt.argmax(1)
@@ -234,18 +286,11 @@ def evaluate(predictor: Any, split: PairSplit, task: Task, validators: dict[str,
             raise
         metrics["source_acc"] = None
     no_source = metrics["source_acc"] is None
-    scores = RunScores()
-    for name, v in sorted(validators.items()):
-        try:
-            s = float(v.score(predictor, task))
-            scores[name] = s if math.isfinite(s) else None
-        except Exception as exc:  # a broken validator must not fail the run
-            # a target-only model on a heterogeneous pair has no source side: validators
-            # that need one have no score there, which is expected, not worth a warning
-            (log.debug if no_source else log.warning)("validator %s failed on %s: %s", name, split.name, exc)
-            scores[name] = None
+    # a target-only model on a heterogeneous pair has no source side: validators
+    # that need one have no score there, which is expected, not worth a warning
+    scores = _score_validators(validators, predictor, task, split.name, quiet=no_source)
     try:
-        scores.extras = label_free_extras(predictor, task, split.n_classes)
+        scores.extras = label_free_extras(predictor, extras_task or task, split.n_classes)
     except Exception as exc:  # statistics for the warning must not fail the run
         (log.debug if no_source else log.warning)("label-free statistics failed on %s: %s", split.name, exc)
     return metrics, scores
@@ -319,7 +364,15 @@ class Runner:
             seed=spec.seed, device=device, budget=spec.pair.budget,
             backbone=self.registry.backbones[spec.backbone], oracle="oracle" in cls.requires,
         )
-        reason = cls.skip(task)
+        from .tracks import task_for_track
+
+        track = getattr(cls, "track", "uda")
+        try:  # skip sees what the method will see (its track's view, before the source model is attached)
+            reason = cls.skip(task_for_track(task, track)[0])
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            return RunResult(spec, "failed", f"skip(task) raised {_reason(exc)}", device=device)
         if reason:
             return RunResult(spec, "skipped", reason, device=device)
         sm_info = None
@@ -351,13 +404,25 @@ class Runner:
         t0 = time.perf_counter()
         from . import diagnostics
 
+        from .tracks import TrackViolation, run_stream
+
         try:
+            view, withheld = task_for_track(task, track)
             seed_everything(spec.seed)
             method = cls(**spec.params)
             with diagnostics.collect() as diag:
-                predictor = method.fit(task)
+                predictor = method.fit(view)
+                if track == "test-time":  # the host streams the target test inputs to the adapter
+                    stream = run_stream(predictor, split.target_test.X, seed=spec.seed,
+                                        batch_size=spec.pair.budget.batch_size, n_classes=split.n_classes)
+            if withheld:  # the method caught the TrackViolation and carried on: still a violation
+                raise TrackViolation(f"the method reached for data the {track} track withholds "
+                                     f"({', '.join(sorted(set(withheld)))}) and went on")
             wall = time.perf_counter() - t0
-            metrics, scores = evaluate(predictor, split, task, self.registry.validators)
+            if track == "test-time":
+                metrics, scores = evaluate_stream(predictor, stream, split, view, self.registry.validators)
+            else:
+                metrics, scores = evaluate(predictor, split, view, self.registry.validators, extras_task=task)
         except KeyboardInterrupt:
             raise
         except Exception as exc:
@@ -387,7 +452,7 @@ class Runner:
             "params": canonical_json(s.params), "point": s.point, "seed": s.seed,
             "protocol": canonical_json(s.pair.protocol.as_dict()),
             "budget": canonical_json({"steps": s.pair.budget.steps, "batch_size": s.pair.budget.batch_size}),
-            "backbone": s.backbone, "status": r.status, "reason": r.reason,
+            "backbone": s.backbone, "track": getattr(cls, "track", "uda"), "status": r.status, "reason": r.reason,
             "target_acc": r.target_acc, "target_f1": r.target_f1, "source_acc": r.source_acc,
             "wall_time_s": r.wall_time_s, "peak_mem_mb": r.peak_mem_mb,
             "device": (r.device or self.device) if r.status == "ok" else None,

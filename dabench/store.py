@@ -18,7 +18,9 @@ negative-transfer warning uses, one small row per run and name: a number in
 ``value`` or a short text in ``text``, e.g. the predicted target class
 prior, or the predicted classes of the first target points).  ``extras``
 was added after schema 1 shipped; it is created on open, so older stores
-keep working (their runs simply have no extras).
+keep working (their runs simply have no extras).  Likewise the ``runs``
+column ``track`` (the method's track, :data:`dabench.contract.TRACKS`) is
+added to an older store on open; its runs read None there (``uda``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ RUN_COLUMNS: dict[str, str] = {
     "protocol": "TEXT NOT NULL",
     "budget": "TEXT NOT NULL",
     "backbone": "TEXT NOT NULL",
+    # the method's track (added after schema 1 shipped: older stores get the column on open)
+    "track": "TEXT",
     "status": "TEXT NOT NULL CHECK (status IN ('ok', 'failed', 'skipped'))",
     "reason": "TEXT",
     "target_acc": "REAL",
@@ -60,6 +64,10 @@ RUN_COLUMNS: dict[str, str] = {
     "finished_at": "TEXT",
     "dabench_version": "TEXT",
 }
+
+
+#: Columns added to ``runs`` after schema 1 shipped (nullable; added on open).
+ADDED_COLUMNS = ("track",)
 
 
 def canonical_json(obj: Any) -> str:
@@ -110,6 +118,10 @@ class RunStore:
         with self.transaction() as con:
             con.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
             con.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
+            have = {r[1] for r in con.execute("PRAGMA table_info(runs)")}
+            for name in ADDED_COLUMNS:
+                if name not in have:  # a store written before the column existed: its runs read NULL
+                    con.execute(f"ALTER TABLE runs ADD COLUMN {name} {RUN_COLUMNS[name]}")
             con.execute(
                 "CREATE TABLE IF NOT EXISTS scores (key TEXT NOT NULL REFERENCES runs(key) ON DELETE CASCADE, "
                 "validator TEXT NOT NULL, value REAL, PRIMARY KEY (key, validator))"
@@ -167,8 +179,10 @@ class RunStore:
     def rows(self) -> list[dict[str, Any]]:
         """Every run as a flat dict, with ``val_<validator>`` entries for scores
         and ``x_<name>`` entries for extras."""
-        cur = self._con.execute(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs ORDER BY suite, pair, method, point, seed")
-        out = {r[0]: dict(zip(RUN_COLUMNS, r)) for r in cur.fetchall()}
+        have = {r[1] for r in self._con.execute("PRAGMA table_info(runs)")}
+        cols = [c for c in RUN_COLUMNS if c in have]  # a read-only older store may lack the added columns
+        cur = self._con.execute(f"SELECT {', '.join(cols)} FROM runs ORDER BY suite, pair, method, point, seed")
+        out = {r[0]: dict(dict.fromkeys(RUN_COLUMNS), **dict(zip(cols, r))) for r in cur.fetchall()}
         for key, validator, value in self._con.execute("SELECT key, validator, value FROM scores"):
             if key in out:
                 out[key][f"val_{validator}"] = value

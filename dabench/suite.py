@@ -122,11 +122,13 @@ class RunSpec:
     #: the resolved source-model recipe when the method starts from the
     #: host's source model (``requires = {"source_model"}``), else None
     source_recipe: dict[str, Any] | None = None
+    #: the method's track (``Method.track``; see :mod:`dabench.tracks`)
+    track: str = "uda"
 
     @property
     def key(self) -> str:
         """sha256 of what changes the result: method + version + params, pair,
-        seed, protocol, budget, backbone and the contract version.  The suite
+        seed, protocol, budget, backbone, the track (when not ``uda``) and the contract version.  The suite
         name and the device are not part of it.  Pairs with domains from
         files add the files' digests (so edited data is recomputed); other
         keys are unchanged by that field's existence."""
@@ -136,6 +138,8 @@ class RunSpec:
             extra["data"] = fps
         if self.source_recipe is not None:
             extra["source_model"] = self.source_recipe
+        if self.track != "uda":  # uda keys are unchanged by the field's existence
+            extra["track"] = self.track
         return run_key(**extra,
             method=self.method,
             method_version=self.method_version,
@@ -171,9 +175,10 @@ class Suite:
                     version = str(cls.version)
                     recipe = (pair.source_recipe.resolved(pair.budget.steps, pair.budget.batch_size)
                               if "source_model" in cls.requires else None)
+                    track = getattr(cls, "track", "uda")
                     for i, params in enumerate(m.points):
                         specs.append(RunSpec(self.name, pair, m.name, version, params, i, seed,
-                                             pair.backbone or self.backbone, recipe))
+                                             pair.backbone or self.backbone, recipe, track))
         return specs
 
     def restrict(self, methods: list[str] | None = None, pairs: list[str] | None = None,

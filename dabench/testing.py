@@ -46,11 +46,26 @@ budget (a few seconds in all):
   module reachable from the predictor is on the CPU and outputs are NumPy.
 - ``check_cuda_placement``: the same on ``cuda`` (skipped, with the reason,
   when torch sees no GPU).
+- ``check_track``: the method's track holds (:mod:`dabench.tracks`).  For a
+  ``source-free`` method: its task holds no source data and ``fit`` never
+  reached for a withheld field; for a ``test-time`` method: its task holds
+  neither source data nor the target train split, ``fit`` returns an
+  adapter with ``predict_batch``, every batch of the seeded target test
+  stream gets valid probabilities, and the predictions of the first half
+  of the stream do not change when the second half is replaced by other
+  inputs (online: nothing is predicted from batches not yet seen).  A
+  ``uda`` method passes trivially.
+
+For a ``test-time`` method, "fit" in the checks above means ``fit`` and then
+the host's stream over the tiny task's target test inputs
+(:func:`dabench.tracks.run_stream`); its outputs are the stream's
+predictions.
 
 Fits run single-threaded (``torch.set_num_threads(1)`` for the duration of
 a check: tiny models run several times faster than on a contended thread
 pool).  The tiny task is the first of :data:`TINY_TASKS` that the method does not
-``skip``: moons, moons with ``k_target = 2`` (methods needing labelled
+``skip``: moons, moons on the ``mlp-bn`` backbone (methods adapting batch
+normalisation), moons with ``k_target = 2`` (methods needing labelled
 target samples), then digits→mnist in native feature spaces (heterogeneous
 methods), with and without ``k_target``.
 """
@@ -135,10 +150,13 @@ class TinyTask:
     max_target: int = 300
     steps: int = 20
     batch_size: int = 16
+    backbone: str = "default"
 
     @property
     def label(self) -> str:
         extra = []
+        if self.backbone != "default":
+            extra.append(f"backbone={self.backbone}")
         if self.k_target:
             extra.append(f"k_target={self.k_target}")
         if self.feature_space != "shared":
@@ -155,6 +173,7 @@ class TinyTask:
 #: Candidate tiny tasks, in order; the kit uses the first one the method accepts.
 TINY_TASKS: tuple[TinyTask, ...] = (
     TinyTask("moons:moons-rot35"),
+    TinyTask("moons:moons-rot35", backbone="mlp-bn"),
     TinyTask("moons:moons-rot35", k_target=2),
     TinyTask("digits:mnist", feature_space="native", max_source=200, max_target=200, steps=10),
     TinyTask("digits:mnist", k_target=2, feature_space="native", max_source=200, max_target=200, steps=10),
@@ -191,15 +210,21 @@ def _split(tiny: TinyTask, seed: int):
 
 
 def _task(cls: type[Method], tiny: TinyTask, seed: int = 0, device: str = "cpu",
-          source_model: bool = True) -> Task:
+          source_model: bool = True, log: list[str] | None = None) -> Task:
+    """The task ``cls`` sees on ``tiny``, built as the Runner builds it: the
+    host's task, the source model attached, then the view of the method's
+    track (whose withheld fields record accesses into ``log``)."""
+    from .tracks import task_for_track
+
     split = _split(tiny, seed)
+    track = getattr(cls, "track", "uda")
     task = split.task(seed=seed, device=device, budget=Budget(tiny.steps, tiny.batch_size),
-                      backbone=_kit_registry().backbones["default"], oracle="oracle" in cls.requires)
-    if source_model and "source_model" in cls.requires and cls.skip(task) is None:
+                      backbone=_kit_registry().backbones[tiny.backbone], oracle="oracle" in cls.requires)
+    if source_model and "source_model" in cls.requires and cls.skip(task_for_track(task, track)[0]) is None:
         from .source_model import with_source_model
 
         task = with_source_model(task)  # as the host hands it: trained on the source, a fresh copy
-    return task
+    return task_for_track(task, track, log)[0]
 
 
 def choose_task(cls: type[Method]) -> TinyTask:
@@ -290,17 +315,26 @@ class _Fit:
     error: BaseException | None = None
     trace: str = ""
     accesses: list[str] = field(default_factory=list)
+    #: what the method reached for that its track withholds (dabench.tracks.Withheld)
+    withheld: list[str] = field(default_factory=list)
+    #: test-time methods: the stream's predictions (rows in target test order) and order
+    stream: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def _is_test_time(cls: type[Method]) -> bool:
+    return getattr(cls, "track", "uda") == "test-time"
 
 
 def _fit(cls: type[Method], tiny: TinyTask, seed: int = 0, device: str = "cpu",
-         params: dict | None = None) -> _Fit:
-    """Fit like the Runner does (seed everything, then ``fit``) with the
-    host's labels guarded."""
+         params: dict | None = None, stream_X: np.ndarray | None = None) -> _Fit:
+    """Fit like the Runner does (seed everything, then ``fit``; for a
+    test-time method, then the host's stream over the target test inputs,
+    or over ``stream_X``) with the host's labels guarded."""
     from .training import seed_everything
 
     out = _Fit(tiny=tiny)
     split = _split(tiny, seed)
-    task = _task(cls, tiny, seed, device)
+    task = _task(cls, tiny, seed, device, log=out.withheld)
     out.task = task
     oracle = "oracle" in cls.requires
     guarded = dataclasses.replace(
@@ -313,6 +347,12 @@ def _fit(cls: type[Method], tiny: TinyTask, seed: int = 0, device: str = "cpu",
         seed_everything(seed)
         method = cls(**(params or {}))
         out.predictor = method.fit(task)
+        if _is_test_time(cls):
+            from .tracks import run_stream
+
+            X = guarded.target_test.X if stream_X is None else stream_X
+            out.stream = run_stream(out.predictor, X, seed=seed, batch_size=tiny.batch_size,
+                                    n_classes=split.n_classes)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - reported as a check failure
@@ -517,6 +557,14 @@ def check_fit_predict(cls: type[Method], ctx: _Context) -> str:
                           + textwrap.indent(_short_trace(f.trace), "    "))
     split = _split(ctx.tiny, 0)
     n = split.n_classes
+    if _is_test_time(cls):
+        # run_stream checked every batch's probabilities as the host does
+        n_batches = -(-len(split.target_test) // ctx.tiny.batch_size)
+        msg = f"{ctx.tiny.label}: {n_batches} stream batches, probabilities valid"
+        if callable(getattr(f.predictor, "predict_proba", None)):
+            _check_outputs(f.predictor, split.source_test.X, "source", n, "source test inputs (after the stream)")
+            msg += "; the adapted model's source probabilities and embeddings valid"
+        return msg
     _check_outputs(f.predictor, split.target_test.X, "target", n, "target test inputs")
     domains = "target"
     if _source_applicable(cls, f.task):
@@ -533,7 +581,10 @@ def check_determinism(cls: type[Method], ctx: _Context) -> str:
         raise CheckFailed(f"a second fit with the same seed raised {_exc_line(b.error)}; fit must not keep state "
                           "between calls")
     X = _split(ctx.tiny, 0).target_test.X
-    pa, pb = a.predictor.predict_proba(X, domain="target"), b.predictor.predict_proba(X, domain="target")
+    if _is_test_time(cls):
+        pa, pb = a.stream[0], b.stream[0]
+    else:
+        pa, pb = a.predictor.predict_proba(X, domain="target"), b.predictor.predict_proba(X, domain="target")
     if not np.array_equal(np.asarray(pa), np.asarray(pb)):
         diff = float(np.abs(np.asarray(pa, dtype=np.float64) - np.asarray(pb, dtype=np.float64)).max())
         raise CheckFailed(f"two fits with seed 0 on CPU differ (max |dp| = {diff:.3g}); derive every random "
@@ -640,6 +691,7 @@ def check_failure_is_stored(cls: type[Method], ctx: _Context) -> str:
         name = "kit"
         seeds = 2
         pairs = ["{t.pair}"]
+        backbone = "{t.backbone}"
         [protocol]
         k_target = {t.k_target}
         feature_space = "{t.feature_space}"
@@ -704,7 +756,10 @@ def _check_placement(cls: type[Method], ctx: _Context, device: str) -> str:
                           "put every module and tensor on dabench.training.resolve_device(task.device), "
                           "never hard-code .cuda() or 'cpu'")
     split = _split(ctx.tiny, 0)
-    p = f.predictor.predict_proba(split.target_test.X[:8], domain="target")
+    if _is_test_time(cls):  # one more batch through the adapter (the cached fit's stream is already recorded)
+        p = f.predictor.predict_batch(np.array(split.target_test.X[:8], copy=True))
+    else:
+        p = f.predictor.predict_proba(split.target_test.X[:8], domain="target")
     if not isinstance(p, np.ndarray):
         raise CheckFailed(f"predict_proba returned {type(p).__name__} on {device}; return NumPy arrays")
     return f"{len(tensors)} tensors in {len(modules)} modules, all on {want}"
@@ -725,6 +780,56 @@ def check_cuda_placement(cls: type[Method], ctx: _Context) -> str:
     return _check_placement(cls, ctx, "cuda")
 
 
+def check_track(cls: type[Method], ctx: _Context) -> str:
+    """The method's track holds: it never sees, nor reaches for, what its track withholds."""
+    from .contract import TRACKS
+    from .tracks import TrackViolation
+
+    track = getattr(cls, "track", "uda")
+    if track == "uda":
+        return "uda: labelled source + unlabelled target train (nothing withheld)"
+    f = _cached_fit(cls, ctx)
+    split = _split(ctx.tiny, 0)
+    held = [split.source_train, split.source_val, split.source_test]
+    if track == "test-time":
+        held += [split.target_train, split.target_test]
+    forbidden = {id(o) for lab in held for o in (lab, lab.X, lab.y)}
+    for o in _reachable(f.task).values():
+        if id(o) in forbidden:
+            raise CheckFailed(f"the {track} task reaches data the track withholds (a host bug, not yours): report it")
+    if f.withheld:
+        raise CheckFailed(f"fit reached for {sorted(set(f.withheld))}, which the {track} track withholds "
+                          f"({TRACKS[track]}); use only task.source_model"
+                          + ("" if track == "test-time" else " and task.target_train"))
+    if isinstance(f.error, TrackViolation):
+        raise CheckFailed(str(f.error))
+    if f.error is not None:
+        raise CheckFailed(f"fit failed ({_exc_line(f.error)}), so the track could not be checked; fix fit first")
+    if track == "source-free":
+        return "source-free: no source data in the task, none reached for"
+    # online: the first half of the stream is predicted the same whatever comes after it
+    X = np.asarray(split.target_test.X)
+    order = f.stream[1]
+    bs = ctx.tiny.batch_size
+    n_batches = -(-len(X) // bs)
+    if n_batches < 2:
+        raise CheckSkipped(f"the tiny task's stream has {n_batches} batch: nothing to check online behaviour on")
+    head = order[: (n_batches // 2) * bs]
+    tail = order[len(head):]
+    other = np.array(X, copy=True)
+    donor = np.asarray(split.target_train.X)
+    other[tail] = donor[np.arange(len(tail)) % len(donor)]
+    g = _fit(cls, ctx.tiny, stream_X=other)
+    if g.error is not None:
+        raise CheckFailed(f"a second fit and stream with the same seed raised {_exc_line(g.error)}")
+    if not np.array_equal(f.stream[0][head], g.stream[0][head]):
+        raise CheckFailed("the predictions for the first half of the test stream changed when the second half was "
+                          "replaced by other inputs: a test-time method may use only the batches delivered so far "
+                          "(predict each batch in predict_batch, before or while adapting on it)")
+    return (f"test-time: no source data or target train split in the task, none reached for; {n_batches} stream "
+            f"batches; the first {n_batches // 2} are predicted the same whatever follows them")
+
+
 #: Every check, in the order they run: ``(name, function)``.
 CHECKS: tuple[tuple[str, Callable[[type[Method], _Context], str]], ...] = (
     ("check_registration", check_registration),
@@ -735,6 +840,7 @@ CHECKS: tuple[tuple[str, Callable[[type[Method], _Context], str]], ...] = (
     ("check_failure_is_stored", check_failure_is_stored),
     ("check_cpu_placement", check_cpu_placement),
     ("check_cuda_placement", check_cuda_placement),
+    ("check_track", check_track),
 )
 
 
