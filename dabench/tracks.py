@@ -116,6 +116,9 @@ class Withheld:
         return self._refuse(f".{name}")
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name in Withheld.__slots__:  # copy and pickle restore the slots
+            object.__setattr__(self, name, value)
+            return
         self._refuse(f".{name} = ...")
 
     def __len__(self) -> int:
