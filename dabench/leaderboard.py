@@ -911,7 +911,10 @@ def _md_tracks(board: Leaderboard) -> list[str]:
         "against each other (Avg rank compares a method with the others of its track only). Every track's "
         f"gaps and negative-transfer verdicts are against the same reference, `{board.reference_method}` (the "
         "untouched shared source model, the starting point of every source-free and test-time method; it does "
-        "not adapt, so its accuracy is the same in every track), so gaps compare across tracks.",
+        "not adapt, so its accuracy is the same in every track), so gaps compare across tracks. Validators see "
+        "what the method saw: those needing source data (`source-val`, `dev`) have no score for source-free and "
+        "test-time runs, so a method of those tracks with several hyperparameter points keeps its first point "
+        "unless the suite's validator works on target data alone (`entropy`, `im`, `snd`, `bnm`).",
         "",
     ]
     return out

@@ -199,7 +199,9 @@ def _heatmap(board: Leaderboard) -> str | None:
     fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(board.pairs), 1.2 + 0.55 * len(methods)))
     im = ax.imshow(np.ma.masked_invalid(gain), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
     ax.set_xticks(range(len(board.pairs)), [lab.replace("→", "→\n") for lab in board.pair_labels], fontsize=8)
-    ax.set_yticks(range(len(methods)), methods, fontsize=9)
+    track = dict(zip(board.methods["method"], board.methods["track"])) if "track" in board.methods else {}
+    labels = [m if track.get(m, "uda") == "uda" else f"{m} [{track[m]}]" for m in methods]
+    ax.set_yticks(range(len(methods)), labels, fontsize=9)
     for i in range(len(methods)):
         for j in range(len(board.pairs)):
             if np.isnan(gain[i, j]):
@@ -230,8 +232,11 @@ def critical_difference(avg_ranks: Sequence[float], n_datasets: int, alpha: floa
     return q * math.sqrt(k * (k + 1) / (6.0 * n_datasets))
 
 
-def _rank_plot(board: Leaderboard) -> tuple[str | None, str]:
-    ranked = board.methods[board.methods["avg_rank"].notna()].sort_values("avg_rank")
+def _rank_plot(board: Leaderboard, track: str | None = None) -> tuple[str | None, str]:
+    """The critical-difference diagram of the ranked methods (of ``track``
+    only, when given: ranks are computed within a track)."""
+    methods = board.methods if track is None else board.methods[board.methods["track"] == track]
+    ranked = methods[methods["avg_rank"].notna()].sort_values("avg_rank")
     if ranked.empty:
         return None, ""
     names, ranks = list(ranked["method"]), [float(r) for r in ranked["avg_rank"]]
@@ -255,6 +260,9 @@ def _rank_plot(board: Leaderboard) -> tuple[str | None, str]:
         ax.text(x_text, y, f"{n} ({r:.2f})", ha="right" if left else "left", va="center", fontsize=9)
         ax.plot(r, 0, "o", color="#333", ms=4)
     caption = "Average rank over pairs (1 = best); reference rows are not ranked."
+    if track is not None:
+        caption = (f"Track {track}: average rank over pairs among the methods of this track (1 = best); methods of "
+                   f"other tracks are ranked apart; reference rows are not ranked.")
     if not math.isnan(cd):
         ax.plot([lo, lo + cd], [1.2, 1.2], color="#b00", lw=2)
         ax.text(lo + cd / 2, 1.35, f"CD = {cd:.2f}", ha="center", va="bottom", fontsize=9, color="#b00")
@@ -294,12 +302,15 @@ def to_html(board: Leaderboard) -> str:
             f"differences); outlined <strong>NT</strong> cells are significant negative transfer (paired t-test, "
             f"Holm-corrected).</figcaption></figure>"
         )
-    ranks, caption = _rank_plot(board)
-    if ranks:
-        figures.append(
-            f'<figure id="rank-plot"><img alt="average rank diagram" src="data:image/png;base64,{ranks}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-        )
+    tracks = [t for t in dict.fromkeys(board.methods["track"])] if "track" in board.methods else ["uda"]
+    for track in tracks:
+        ranks, caption = _rank_plot(board, track if len(tracks) > 1 else None)
+        if ranks:
+            fid = "rank-plot" if len(tracks) == 1 else f"rank-plot-{track}"
+            figures.append(
+                f'<figure id="{fid}"><img alt="average rank diagram" src="data:image/png;base64,{ranks}">'
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
     plots = ("<h2>Plots</h2>\n" + "\n".join(figures)) if figures else ""
     # the plots go right after the main table (before the first "##" section)
     split = body.find("<h2>")
