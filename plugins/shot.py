@@ -33,8 +33,9 @@ What is followed:
 
 Changed, and why:
 
-- **Budget**: ``task.budget.steps`` steps of ``task.budget.batch_size``
-  target samples (the reference: 30 epochs of 64); an epoch is
+- **Budget**: ``epochs`` passes over the target train set (30, as the
+  reference's ``max_epoch``), at most ``task.budget.steps`` steps of
+  ``task.budget.batch_size`` target samples; an epoch is
   ``ceil(n_target / batch_size)`` steps and pseudo-labels are refreshed at
   each epoch's start.  Batches are drawn without replacement and the
   incomplete tail of an epoch is skipped (the reference keeps it).
@@ -66,7 +67,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dabench import Bool, Float, Method, Task, diagnostics, hookimpl
+from dabench import Bool, Float, Int, Method, Task, diagnostics, hookimpl
 from dabench.training import (
     CHECK_EVERY,
     TensorBatches,
@@ -158,6 +159,7 @@ class SHOT(Method):
         "ent_par": Float(1.0, 0.0, 2.0, help="weight of the information-maximisation loss"),
         "diversity": Bool(True, help="include the diversity term (entropy of the mean prediction; 'gent')"),
         "weight_decay": Float(1e-3, 1e-6, 1e-2, log=True, help="L2 weight decay (reference: 1e-3)"),
+        "epochs": Int(30, 1, 100, help="passes over the target train set (reference: 30), capped by the budget's steps"),
     }
 
     def fit(self, task: Task) -> TorchPredictor:
@@ -172,8 +174,8 @@ class SHOT(Method):
         bs = task.budget.batch_size
         batches = TensorBatches(task.target_train.X, batch_size=bs, device=device, seed=stream_seed(task.seed, 2))
         Xt = batches.X
-        steps = task.budget.steps
         interval = max(1, math.ceil(batches.n / batches.batch_size))
+        steps = min(task.budget.steps, self.epochs * interval)
 
         _, p0 = _features_and_proba(encoder, classifier, Xt)
         source_pred = p0.argmax(1)
