@@ -22,7 +22,9 @@ CONTRACT_VERSION = "1"
 #: Backward-compatible revisions of the contract within :data:`CONTRACT_VERSION`
 #: (new optional Task fields, new helpers).  A plugin needing revision ``r``
 #: declares ``requires_contract = "1.r"``; hosts with an older revision refuse it.
-CONTRACT_REVISION = 0
+CONTRACT_REVISION = 1
+#: Revision 1: streamed image domains (``Task.streamed``, an ``X`` that is an
+#: :class:`dabench.data.stream.ImageStream`), the ``arrays`` requirement.
 
 #: Method families the host knows.  Plugins may use others; the leaderboard
 #: groups by this string.
@@ -44,6 +46,8 @@ REQUIREMENTS = {
     "same_feature_space": "source and target must share one input space",
     "target_labels": "needs k labelled target samples per class (suite protocol k_target > 0)",
     "oracle": "trains on the labelled target train split: a reference row (target-oracle), never ranked",
+    "arrays": "reads whole domains as in-memory arrays (not only batches through TensorBatches / "
+              "TorchPredictor); skipped on streamed image domains",
 }
 
 
@@ -135,6 +139,14 @@ def Int(default: int, low: int, high: int, log: bool = False, help: str = "") ->
     return HParam(default, "int", low, high, log, (), help)
 
 
+#: The declared hyperparameter of a method that fine-tunes ``task.backbone``:
+#: the backbone's learning rate relative to the heads' when the backbone is
+#: pretrained (TLlib: 0.1); see :func:`dabench.training.backbone_param_groups`.
+BACKBONE_LR_MULT = HParam(0.1, "float", 0.01, 1.0, True, (),
+                          "learning rate of a pretrained backbone relative to the heads' (TLlib: 0.1); "
+                          "a backbone trained from scratch always learns at the heads' rate")
+
+
 def Choice(default: Any, choices: tuple | list, help: str = "") -> HParam:
     return HParam(default, "choice", None, None, False, tuple(choices), help)
 
@@ -148,9 +160,15 @@ def Bool(default: bool, help: str = "") -> HParam:
 # --------------------------------------------------------------------------
 
 
+def _is_stream(X: Any) -> bool:
+    return bool(getattr(X, "__dabench_stream__", False))
+
+
 def _frozen(a: np.ndarray | None) -> np.ndarray | None:
     if a is None:
         return None
+    if _is_stream(a):  # a streamed image domain: immutable, holds no pixels
+        return a
     a = np.array(a, copy=True)
     a.setflags(write=False)
     return a
@@ -158,13 +176,14 @@ def _frozen(a: np.ndarray | None) -> np.ndarray | None:
 
 @dataclass(frozen=True, slots=True)
 class Labeled:
-    """Inputs with labels.  Arrays are read-only copies."""
+    """Inputs with labels.  Arrays are read-only copies; ``X`` may instead be
+    a streamed image domain (:class:`dabench.data.stream.ImageStream`)."""
 
     X: np.ndarray
     y: np.ndarray
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "X", _frozen(np.asarray(self.X, dtype=np.float32)))
+        object.__setattr__(self, "X", _frozen(self.X if _is_stream(self.X) else np.asarray(self.X, dtype=np.float32)))
         object.__setattr__(self, "y", _frozen(np.asarray(self.y, dtype=np.int64)))
         if len(self.X) != len(self.y):
             raise ContractError(f"X has {len(self.X)} rows but y has {len(self.y)}")
@@ -175,12 +194,13 @@ class Labeled:
 
 @dataclass(frozen=True, slots=True)
 class Unlabeled:
-    """Inputs without labels.  There is no ``y`` attribute to reach."""
+    """Inputs without labels.  There is no ``y`` attribute to reach.  ``X``
+    is an array or a streamed image domain, as in :class:`Labeled`."""
 
     X: np.ndarray
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "X", _frozen(np.asarray(self.X, dtype=np.float32)))
+        object.__setattr__(self, "X", _frozen(self.X if _is_stream(self.X) else np.asarray(self.X, dtype=np.float32)))
 
     def __len__(self) -> int:
         return len(self.X)
@@ -210,6 +230,14 @@ class Task:
     - ``n_classes``, ``device`` (a torch device string), ``seed``, ``budget``.
     - ``backbone``: ``backbone(shape) -> (torch.nn.Module, out_dim)``, a fresh
       feature extractor suited to inputs of that shape, seeded by the caller.
+    - Streamed image domains (image folders; Office-31, Office-Home, VisDA
+      end to end): every ``X`` is then a :class:`dabench.data.stream.ImageStream`
+      instead of an array (``len``, ``shape``, row indexing, no pixels):
+      iterate it with :class:`dabench.training.TensorBatches` (training
+      augmentation per batch) and predict with
+      :class:`dabench.training.TorchPredictor`, exactly as for arrays.
+      ``streamed`` says which; a method that reads whole arrays declares the
+      ``arrays`` requirement and is skipped there.
 
     Target *test* data and labels are not here: the host keeps them.
     """
@@ -230,6 +258,12 @@ class Task:
     #: ``oracle`` requirement (the target-oracle reference row).  These are
     #: target *train* labels; the target *test* split is never in a Task.
     target_train_labels: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the domains are streamed from image files (``X`` are
+        :class:`~dabench.data.stream.ImageStream` objects, not arrays)."""
+        return _is_stream(self.source_train.X) or _is_stream(self.target_train.X)
 
     @property
     def source_dim(self) -> int:
@@ -325,6 +359,9 @@ class Method:
             return "needs a shared feature space; this pair is heterogeneous"
         if "target_labels" in cls.requires and task.target_labeled is None:
             return "needs k labelled target samples per class; the suite sets k_target = 0"
+        if "arrays" in cls.requires and task.streamed:
+            return ("reads whole domains as in-memory arrays; this pair's images are streamed from files "
+                    "(batches only)")
         return None
 
     def fit(self, task: Task) -> Predictor:  # pragma: no cover - abstract
