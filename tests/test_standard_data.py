@@ -373,11 +373,13 @@ def test_office31_folders_download_pin_and_load(mirror, monkeypatch, tmp_path, r
     assert [s.state for s in statuses] == ["pinned"]
     assert _sha(files["domain_adaptation_images.tar.gz"]) in (root / "office31" / "SHA256SUMS").read_text()
     X, y = registry.datasets["office31-webcam"].load(root)
-    assert X.shape == (62, 3, 224, 224)
+    # streamed: the loader lists the files, nothing is decoded until a batch asks
+    assert len(X) == 62 and X.item_shape == (3, 224, 224) and X.shape == (62, 3 * 224 * 224)
     assert np.bincount(y).tolist() == [2] * len(OFFICE31_CLASSES)
     for label in (0, 17, 30):  # the class folder decides the label: the fixture colours encode it
         i = int(np.flatnonzero(y == label)[0])
-        np.testing.assert_allclose(X[i, :, 100, 100] * 255, class_colour(label), atol=6)
+        pixels = X.images([i])[0]
+        np.testing.assert_allclose(pixels[:, 100, 100], class_colour(label), atol=6)
     # head protocol: the feature domain extracts once through the cache under <root>/features
     from dabench import image_backbones
 
