@@ -498,3 +498,27 @@ def test_parquet_without_pyarrow_says_what_to_install(registry, tmp_path, monkey
     monkeypatch.setattr(builtins, "__import__", no_pyarrow)
     with pytest.raises(SuiteError, match=r"domains.s.format: .*needs pyarrow: pip install pyarrow"):
         parse_suite(_table_suite(tmp_path, "parquet", 'label = "kind"', space="grades"), registry)
+
+
+def test_readme_worked_example_parses(registry, tmp_path):
+    """The README's [domains] example is a valid suite on data of its described layout."""
+    import re
+
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    example = readme[readme.index("A worked example"):]
+    toml = re.search(r"```toml\n(.*?)```", example, re.S).group(1)
+    for dom, shift in (("studio", 0.0), ("field", 1.0)):
+        write_image_folder(tmp_path / "photos" / dom, per_class=3, shift=shift)
+    (tmp_path / "sensors").mkdir()
+    for name, seed in (("lab", 0), ("site", 1)):
+        df = _frame(n=30, d=10, seed=seed)
+        df.columns = [f"t{j}" for j in range(10)] + ["grade", "device"]
+        df.to_csv(tmp_path / "sensors" / f"{name}.csv", index=False)
+    suite = parse_suite(write(tmp_path / "mine.toml", toml), registry)
+    assert [p.name for p in suite.pairs] == ["studio:field", "lab:site"]
+    studio, lab = suite.pairs[0].domain("studio", registry), suite.pairs[1].domain("lab", registry)
+    assert studio.streamed and studio.classes == ("cat", "dog", "owl") and studio.shape == (3, 224, 224)
+    assert lab.shape == (10,) and lab.classes == ("high", "low", "mid")
+    assert len(suite.expand(registry)) == 2 * 3 * 2

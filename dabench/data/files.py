@@ -35,6 +35,49 @@ downloaded), the rest of the suite runs.
 The file's sha256 is the domain's *fingerprint*, part of every run key that
 uses the domain: edit the file and its runs are computed again instead of
 being taken from the store.
+
+``format = "imagefolder"``: a **streamed** image domain (see
+:mod:`dabench.data.stream`; never held in memory)::
+
+    [domains.studio]
+    path = "photos/studio"     # <class>/<image> sub-folders (torchvision's ImageFolder layout)
+    format = "imagefolder"
+    label_space = "animals"
+    size = [224, 224]          # the network's input (required)
+    # optional:
+    resize = [256, 256]        # resized to this, then cropped to size (default size x 256/224)
+    list = "images.txt"        # instead of class folders: `relative/path label` lines
+    classes = ["cat", "dog"]   # names and order of the classes (default: sorted folder names)
+
+Class folder names are the classes (a label space registered with names,
+such as ``office31``, imposes its names and order); images may sit at any
+depth below their class folder; hidden files and other suffixes are
+ignored.  The fingerprint hashes every image's relative path, size,
+modification time and label (``stat`` only, no reads) with the options;
+loading lists the folder again and refuses a folder that changed since the
+suite was read.  **Unreadable images are refused, not skipped**: loading
+reads every image's header and raises one DataError counting the images
+Pillow cannot identify and naming the first ones (a pair reported like
+missing data); an image that fails to decode during training does the same.
+
+``format = "csv"`` / ``"parquet"`` (Parquet needs pyarrow): a table with one
+row per sample::
+
+    [domains.lab]
+    path = "sensors/lab.csv"
+    format = "csv"
+    label_space = "grades"
+    label = "grade"            # the label column (default "label")
+    # optional:
+    features = ["t0", "t1"]    # the feature columns (default: every other column)
+    classes = ["low", "high"]  # names of named labels, in label order
+    sep = ";"                  # CSV only
+
+Features must be numeric and finite; labels are integers in ``[0,
+n_classes)`` or class names (mapped through ``classes``, the label space's
+registered names, or their sorted distinct values).  Errors name the key,
+the column and the row.  The fingerprint is the file's sha256 plus the
+options.
 """
 
 from __future__ import annotations

@@ -42,15 +42,24 @@ literature:
   ``validation.tar`` (real photos) → ``{train,validation}/image_list.txt``
   with one ``relative/path.jpg label`` line per image; synthetic → real.
 
-  Office and VisDA images decode with Pillow.  The raw Office domains
-  (end-to-end protocol) are images resized to 3×224×224 (bilinear; the
-  published pipelines' random crops and flips are not applied: the host
-  hands methods fixed arrays).  VisDA is only offered as features (280,000
-  images do not fit in memory as float arrays).  Every image dataset is
+- **Office-Caltech10 images** [``office-caltech10``]: TLlib's
+  ``officecaltech.tgz`` → ``{amazon,caltech,dslr,webcam}/<class>/*.jpg``
+  (10 classes); domains ``oc10-amazon``, ``oc10-caltech``, ``oc10-dslr``,
+  ``oc10-webcam``; all 12 pairs.
+
+  Office, VisDA and Office-Caltech10 images are **streamed** end to end:
+  ``load`` lists the files and returns an
+  :class:`~dabench.data.stream.ImageStream`; each training or prediction
+  batch is decoded by loader workers (Pillow) at 3×224×224 after a 256×256
+  resize (TLlib's transforms; the training augmentation is the suite's
+  ``[protocol] augment``), so no domain is ever held in memory as arrays
+  (VisDA's 207,000 images would take about 30 GB).  Every image dataset but
+  Office-Caltech10 (which has its published SURF/DeCAF features below) is
   also offered as cached backbone features for the **head protocol**:
   ``<domain>@resnet50`` and ``<domain>@resnet101`` (2048-d, ImageNet
   weights through torchvision, extracted once per dataset × backbone ×
-  preprocessing and cached on disk; see :mod:`dabench.data.features`).
+  preprocessing through the same loader, and cached on disk; see
+  :mod:`dabench.data.features`).
 
 - **Amazon reviews** [``sentiment2``]: the Multi-Domain Sentiment Dataset's
   ``processed_acl.tar.gz`` (Blitzer et al. 2007) →

@@ -209,7 +209,7 @@ def _open_rgb(path: str, draft: tuple[int, int] | None):  # -> PIL.Image.Image
     im = Image.open(path)
     if draft is not None and im.format == "JPEG" and im.size[0] >= 2 * draft[0] and im.size[1] >= 2 * draft[1]:
         im.draft("RGB", draft)
-    return im.convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def random_resized_crop_box(rng: np.random.Generator, width: int, height: int,
@@ -248,7 +248,8 @@ def decode(path: str, mode: str, size: tuple[int, int], resize: tuple[int, int],
     RH, RW = resize
     try:
         im = _open_rgb(path, (RW, RH))
-        im = im.resize((RW, RH), Image.BICUBIC)
+        if im.size != (RW, RH):
+            im = im.resize((RW, RH), Image.BICUBIC)
         rng = np.random.default_rng(seed) if mode != "test" else None
         if mode == "crop-flip":
             left, top, w, h = random_resized_crop_box(rng, RW, RH)
