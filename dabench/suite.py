@@ -22,6 +22,8 @@ missing field or a wrong type is an error naming the file and the key)::
     training = "end-to-end"             # or "head": domains are cached backbone features
     standardize = "source"              # vector inputs: per-feature mean/std of the source
                                         # train split ("none": as loaded); images untouched
+    resize = "bilinear"                 # smaller images to the shared shape: "bilinear" or
+                                        # "pad" (zero-pad, centred, at their own scale)
 
     [budget]                            # optional; defaults shown
     steps = 1000
@@ -203,7 +205,7 @@ class Suite:
 
 _TOP = {"name", "description", "seeds", "validator", "backbone", "pairs", "protocol", "budget", "methods",
         "domains", "source_model"}
-_PROTOCOL = {"k_target", "feature_space", "max_source", "max_target", "training", "standardize"}
+_PROTOCOL = {"k_target", "feature_space", "max_source", "max_target", "training", "standardize", "resize"}
 TRAINING_PROTOCOLS = ("end-to-end", "head")
 _BUDGET = {"steps", "batch_size"}
 _SOURCE_MODEL = {"steps", "batch_size", "lr", "weight_decay"}
@@ -249,6 +251,11 @@ def _protocol(path: Path, where: str, table: Any, base: Protocol) -> Protocol:
         if tr not in TRAINING_PROTOCOLS:
             raise SuiteError(path, f"{where}.training", f'expected "end-to-end" or "head", got {tr!r}')
         kw["training"] = tr
+    if "resize" in table:
+        rs = _expect(path, f"{where}.resize", table["resize"], str, '"bilinear" or "pad"')
+        if rs not in ("bilinear", "pad"):
+            raise SuiteError(path, f"{where}.resize", f'expected "bilinear" or "pad", got {rs!r}')
+        kw["resize"] = rs
     if "standardize" in table:
         st = _expect(path, f"{where}.standardize", table["standardize"], str, '"source" or "none"')
         if st not in ("source", "none"):
