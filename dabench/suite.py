@@ -35,6 +35,12 @@ missing field or a wrong type is an error naming the file and the key)::
     steps = 1000                        # default: the pair's budget
     batch_size = 64                     # default: the pair's budget
 
+    [[published]]                       # optional: published numbers the report compares with
+    pair = "mnist:mnistm"               # (dabench.published)
+    method = "dann"
+    accuracy = 76.66
+    source = "Ganin et al., JMLR 2016, Table 2"
+
     [domains.NAME]                      # optional: a domain from a file (dabench.data.files)
     path = "usps.npz"
     format = "npz"
@@ -162,6 +168,8 @@ class Suite:
     pairs: list[PairEntry]
     methods: list[MethodEntry]
     raw: dict = field(repr=False, default_factory=dict)
+    #: published results the suite cites (``[[published]]``; see :mod:`dabench.published`)
+    published: list[dict[str, Any]] = field(default_factory=list)
 
     def expand(self, registry: Any) -> list[RunSpec]:
         """Every run of the suite, in a stable order (pair, seed, method, point)."""
@@ -204,7 +212,7 @@ class Suite:
 # ----------------------------------------------------------------- parsing
 
 _TOP = {"name", "description", "seeds", "validator", "backbone", "pairs", "protocol", "budget", "methods",
-        "domains", "source_model"}
+        "domains", "source_model", "published"}
 _PROTOCOL = {"k_target", "feature_space", "max_source", "max_target", "training", "standardize", "resize"}
 TRAINING_PROTOCOLS = ("end-to-end", "head")
 _BUDGET = {"steps", "batch_size"}
@@ -475,4 +483,12 @@ def parse_suite(path: str | Path, registry: Any, data_root: str | Path | None = 
         _expect(path, f"methods.{mname}", table, dict, "a table")
         methods.append(MethodEntry(mname, _points(path, mname, table, registry.methods[mname])))
 
-    return Suite(path, name, description, seeds, validator, backbone, pairs, methods, raw)
+    published: list[dict[str, Any]] = []
+    if "published" in raw:
+        from .published import PublishedError, parse_published
+
+        try:
+            published = parse_published(raw["published"], [p.name for p in pairs], [m.name for m in methods])
+        except PublishedError as e:
+            raise SuiteError(path, e.key, e.message) from None
+    return Suite(path, name, description, seeds, validator, backbone, pairs, methods, raw, published)
