@@ -185,7 +185,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from .executors import ExecutorError, make_executor
     from .leaderboard import LeaderboardError, write_reports
     from .runner import Runner
-    from .store import RunStore, StoreError
+    from .store import RunStore, StoreError, canonical_json
     from .suite import SuiteError, parse_suite
     from .training import resolve_device
 
@@ -249,6 +249,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             console.info(f"      {_no_data_line(ev)}")
 
     store.set_meta("validator", suite.validator)
+    store.set_meta("published", canonical_json(full.published))
     runner = Runner(reg, store, device=device, data_root=args.data_root, on_event=on_event,
                     plugins_dir=args.plugins_dir)
     try:
@@ -274,6 +275,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             return EXIT_BAD_INPUT
     console.info(f"done in {_fmt_time(summary.wall_time_s)}: {summary.ran} runs ({summary.ok} ok, "
                  f"{summary.failed} failed, {summary.skipped} skipped), {summary.already_done} already stored")
+    if summary.source_models_trained or summary.source_models_reused:
+        console.info(f"shared source models: {len(summary.source_models_trained)} trained, "
+                     f"{len(summary.source_models_reused)} reused from {results / 'source-models'}")
     for p in paths.values():
         console.info(f"wrote {p}")
     if summary.lost:

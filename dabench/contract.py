@@ -22,9 +22,11 @@ CONTRACT_VERSION = "1"
 #: Backward-compatible revisions of the contract within :data:`CONTRACT_VERSION`
 #: (new optional Task fields, new helpers).  A plugin needing revision ``r``
 #: declares ``requires_contract = "1.r"``; hosts with an older revision refuse it.
-CONTRACT_REVISION = 1
-#: Revision 1: streamed image domains (``Task.streamed``, an ``X`` that is an
-#: :class:`dabench.data.stream.ImageStream`), the ``arrays`` requirement.
+CONTRACT_REVISION = 2
+#: Revision 1: the host's shared source model (``Task.source_model``, the
+#: ``source_model`` requirement).  Revision 2: streamed image domains
+#: (``Task.streamed``, an ``X`` that is a :class:`dabench.data.stream.ImageStream`),
+#: the ``arrays`` requirement.
 
 #: Method families the host knows.  Plugins may use others; the leaderboard
 #: groups by this string.
@@ -48,6 +50,8 @@ REQUIREMENTS = {
     "oracle": "trains on the labelled target train split: a reference row (target-oracle), never ranked",
     "arrays": "reads whole domains as in-memory arrays (not only batches through TensorBatches / "
               "TorchPredictor); skipped on streamed image domains",
+    "source_model": ("starts from the host's shared source model (task.source_model: trained once per pair, "
+                     "seed, backbone and recipe, cached; contract 1.1)"),
 }
 
 
@@ -230,6 +234,9 @@ class Task:
     - ``n_classes``, ``device`` (a torch device string), ``seed``, ``budget``.
     - ``backbone``: ``backbone(shape) -> (torch.nn.Module, out_dim)``, a fresh
       feature extractor suited to inputs of that shape, seeded by the caller.
+    - ``source_model``: for methods requiring ``source_model``, the host's
+      trained source model (``build(device)`` gives fresh ``(encoder,
+      classifier)`` copies); None otherwise.
     - Streamed image domains (image folders; Office-31, Office-Home, VisDA
       end to end): every ``X`` is then a :class:`dabench.data.stream.ImageStream`
       instead of an array (``len``, ``shape``, row indexing, no pixels):
@@ -258,6 +265,11 @@ class Task:
     #: ``oracle`` requirement (the target-oracle reference row).  These are
     #: target *train* labels; the target *test* split is never in a Task.
     target_train_labels: np.ndarray | None = field(default=None, repr=False)
+    #: The host's shared source model (a :class:`dabench.source_model.SourceModel`:
+    #: ``build(device) -> (encoder, classifier)`` gives fresh trained copies),
+    #: given only to methods that declare the ``source_model`` requirement
+    #: (contract revision 1.1); None otherwise.
+    source_model: Any = field(default=None, repr=False)
 
     @property
     def streamed(self) -> bool:

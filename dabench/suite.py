@@ -22,6 +22,8 @@ missing field or a wrong type is an error naming the file and the key)::
     training = "end-to-end"             # or "head": domains are cached backbone features
     standardize = "source"              # vector inputs: per-feature mean/std of the source
                                         # train split ("none": as loaded); images untouched
+    resize = "bilinear"                 # smaller images to the shared shape: "bilinear" or
+                                        # "pad" (zero-pad, centred, at their own scale)
     augment = "none"                    # streamed image domains: training transform per batch,
                                         # "crop-flip" or "center-flip" (TLlib's recipes)
     amp = false                         # CUDA: bf16 autocast + channels-last (no effect on CPU)
@@ -29,6 +31,24 @@ missing field or a wrong type is an error naming the file and the key)::
     [budget]                            # optional; defaults shown
     steps = 1000
     batch_size = 64
+
+    [source_model]                      # optional: the host's shared source model
+    lr = 0.01                           # (dabench.source_model; also per pair:
+    weight_decay = 5e-4                 #  { pair = "...", source_model = { steps = 3000 } })
+    steps = 1000                        # default: the pair's budget
+    batch_size = 64                     # default: the pair's budget
+    backbone_lr_mult = 0.1              # a pretrained backbone's lr / the classifier's
+
+    [[published]]                       # optional: published numbers the report compares with
+    pair = "mnist:mnistm"               # (dabench.published)
+    method = "dann"
+    accuracy = 76.66
+    source = "Ganin et al., JMLR 2016, Table 2"
+
+    [domains.NAME]                      # optional: a domain from a file (dabench.data.files)
+    path = "usps.npz"
+    format = "npz"
+    label_space = "digits10"
 
     [methods.source-only]               # one table per method (may be empty)
     [methods.dann]
@@ -54,6 +74,7 @@ import numpy as np
 from .contract import CONTRACT_VERSION, Budget, ContractError
 from .data.core import DomainSpec, Protocol
 from .data.files import DomainTableError, parse_domain_table
+from .source_model import SourceRecipe
 from .store import canonical_json, run_key
 
 
@@ -73,6 +94,8 @@ class PairEntry:
     protocol: Protocol
     budget: Budget
     backbone: str | None = None  # overrides the suite's backbone for this pair
+    #: how the host trains this pair's shared source model (``[source_model]``)
+    source_recipe: SourceRecipe = SourceRecipe()
     #: the pair's domains declared in the suite's ``[domains.NAME]`` tables
     #: (not registered by a plugin): they travel with the run to workers
     file_domains: tuple[DomainSpec, ...] = ()
@@ -108,6 +131,9 @@ class RunSpec:
     point: int
     seed: int
     backbone: str
+    #: the resolved source-model recipe when the method starts from the
+    #: host's source model (``requires = {"source_model"}``), else None
+    source_recipe: dict[str, Any] | None = None
 
     @property
     def key(self) -> str:
@@ -120,6 +146,8 @@ class RunSpec:
         fps = self.pair.fingerprints()
         if fps:
             extra["data"] = fps
+        if self.source_recipe is not None:
+            extra["source_model"] = self.source_recipe
         return run_key(**extra,
             method=self.method,
             method_version=self.method_version,
@@ -144,6 +172,8 @@ class Suite:
     pairs: list[PairEntry]
     methods: list[MethodEntry]
     raw: dict = field(repr=False, default_factory=dict)
+    #: published results the suite cites (``[[published]]``; see :mod:`dabench.published`)
+    published: list[dict[str, Any]] = field(default_factory=list)
 
     def expand(self, registry: Any) -> list[RunSpec]:
         """Every run of the suite, in a stable order (pair, seed, method, point)."""
@@ -151,10 +181,13 @@ class Suite:
         for pair in self.pairs:
             for seed in self.seeds:
                 for m in self.methods:
-                    version = str(registry.methods[m.name].version)
+                    cls = registry.methods[m.name]
+                    version = str(cls.version)
+                    recipe = (pair.source_recipe.resolved(pair.budget.steps, pair.budget.batch_size)
+                              if "source_model" in cls.requires else None)
                     for i, params in enumerate(m.points):
                         specs.append(RunSpec(self.name, pair, m.name, version, params, i, seed,
-                                             pair.backbone or self.backbone))
+                                             pair.backbone or self.backbone, recipe))
         return specs
 
     def restrict(self, methods: list[str] | None = None, pairs: list[str] | None = None,
@@ -183,11 +216,12 @@ class Suite:
 # ----------------------------------------------------------------- parsing
 
 _TOP = {"name", "description", "seeds", "validator", "backbone", "pairs", "protocol", "budget", "methods",
-        "domains"}
-_PROTOCOL = {"k_target", "feature_space", "max_source", "max_target", "training", "standardize", "augment",
-             "amp"}
+        "domains", "source_model", "published"}
+_PROTOCOL = {"k_target", "feature_space", "max_source", "max_target", "training", "standardize", "resize",
+             "augment", "amp"}
 TRAINING_PROTOCOLS = ("end-to-end", "head")
 _BUDGET = {"steps", "batch_size"}
+_SOURCE_MODEL = {"steps", "batch_size", "lr", "weight_decay", "backbone_lr_mult"}
 _METHOD = {"params", "grid", "random"}
 
 
@@ -230,6 +264,11 @@ def _protocol(path: Path, where: str, table: Any, base: Protocol) -> Protocol:
         if tr not in TRAINING_PROTOCOLS:
             raise SuiteError(path, f"{where}.training", f'expected "end-to-end" or "head", got {tr!r}')
         kw["training"] = tr
+    if "resize" in table:
+        rs = _expect(path, f"{where}.resize", table["resize"], str, '"bilinear" or "pad"')
+        if rs not in ("bilinear", "pad"):
+            raise SuiteError(path, f"{where}.resize", f'expected "bilinear" or "pad", got {rs!r}')
+        kw["resize"] = rs
     if "standardize" in table:
         st = _expect(path, f"{where}.standardize", table["standardize"], str, '"source" or "none"')
         if st not in ("source", "none"):
@@ -264,6 +303,25 @@ def _budget(path: Path, where: str, table: Any, base: Budget) -> Budget:
                 raise SuiteError(path, f"{where}.{k}", "expected a positive integer")
             kw[k] = v
     return Budget(**kw)
+
+
+def _source_recipe(path: Path, where: str, table: Any, base: SourceRecipe) -> SourceRecipe:
+    _expect(path, where, table, dict, "a table")
+    _check_keys(path, where, table, _SOURCE_MODEL)
+    kw = base.__dict__.copy()
+    for k in ("steps", "batch_size"):
+        if k in table:
+            v = _expect(path, f"{where}.{k}", table[k], int, "a positive integer")
+            if v < 1:
+                raise SuiteError(path, f"{where}.{k}", "expected a positive integer")
+            kw[k] = v
+    for k, lo, hi in (("lr", 1e-6, 10.0), ("weight_decay", 0.0, 1.0), ("backbone_lr_mult", 0.01, 1.0)):
+        if k in table:
+            v = _expect(path, f"{where}.{k}", table[k], (int, float), "a number")
+            if not (lo <= float(v) <= hi):
+                raise SuiteError(path, f"{where}.{k}", f"expected a number in [{lo}, {hi}], got {v!r}")
+            kw[k] = float(v)
+    return SourceRecipe(**kw)
 
 
 def _points(path: Path, name: str, table: dict, cls: Any) -> tuple[dict[str, Any], ...]:
@@ -338,6 +396,9 @@ def _check_streamed_pair(path: Path, where: str, pname: str, s: DomainSpec, t: D
         kinds = {d.name: ("streamed image files" if d.streamed else "in-memory arrays") for d in (s, t)}
         raise SuiteError(path, where, f"{pname!r} mixes {kinds}; pair streamed image domains (image folders, "
                                       f"the Office/VisDA images) with each other")
+    if s.streamed and proto.resize != "bilinear" and s.shape != t.shape:
+        raise SuiteError(path, where, f'resize = "{proto.resize}" applies to in-memory image arrays; the streamed '
+                                      f"images of {pname!r} are decoded at the shared size (resized): remove it")
     if proto.augment != "none" and not s.streamed:
         raise SuiteError(path, where, f'augment = "{proto.augment}" applies to streamed image domains (image '
                                       f"folders, the Office/VisDA images); {pname!r} holds in-memory arrays, which "
@@ -404,6 +465,7 @@ def parse_suite(path: str | Path, registry: Any, data_root: str | Path | None = 
 
     protocol = _protocol(path, "protocol", raw.get("protocol", {}), Protocol())
     budget = _budget(path, "budget", raw.get("budget", {}), Budget())
+    recipe = _source_recipe(path, "source_model", raw.get("source_model", {}), SourceRecipe())
 
     if "pairs" not in raw:
         raise SuiteError(path, "pairs", 'missing; expected a list like ["moons:moons-rot35"]')
@@ -413,15 +475,17 @@ def parse_suite(path: str | Path, registry: Any, data_root: str | Path | None = 
     pairs: list[PairEntry] = []
     for i, entry in enumerate(pairs_raw):
         where = f"pairs[{i}]"
-        p_proto, p_budget, p_backbone = protocol, budget, None
+        p_proto, p_budget, p_backbone, p_recipe = protocol, budget, None, recipe
         if isinstance(entry, dict):
-            _check_keys(path, where, entry, {"pair", "protocol", "budget", "backbone"})
+            _check_keys(path, where, entry, {"pair", "protocol", "budget", "backbone", "source_model"})
             if "pair" not in entry:
                 raise SuiteError(path, f"{where}.pair", 'missing; expected "source:target"')
             if "protocol" in entry:
                 p_proto = _protocol(path, f"{where}.protocol", entry["protocol"], protocol)
             if "budget" in entry:
                 p_budget = _budget(path, f"{where}.budget", entry["budget"], budget)
+            if "source_model" in entry:
+                p_recipe = _source_recipe(path, f"{where}.source_model", entry["source_model"], recipe)
             if "backbone" in entry:
                 p_backbone = _expect(path, f"{where}.backbone", entry["backbone"], str, "a string")
                 if p_backbone not in registry.backbones:
@@ -451,7 +515,7 @@ def parse_suite(path: str | Path, registry: Any, data_root: str | Path | None = 
         if any(p.name == pname and p.protocol == p_proto and p.backbone == p_backbone for p in pairs):
             raise SuiteError(path, where, f"pair {pname!r} is listed twice")
         own = tuple(domains[d] for d in dict.fromkeys((src, tgt)) if d in domains)
-        pairs.append(PairEntry(pname, src, tgt, p_proto, p_budget, p_backbone, own))
+        pairs.append(PairEntry(pname, src, tgt, p_proto, p_budget, p_backbone, p_recipe, own))
 
     if "methods" not in raw:
         raise SuiteError(path, "methods", "missing; expected a table per method, e.g. [methods.source-only]")
@@ -465,4 +529,12 @@ def parse_suite(path: str | Path, registry: Any, data_root: str | Path | None = 
         _expect(path, f"methods.{mname}", table, dict, "a table")
         methods.append(MethodEntry(mname, _points(path, mname, table, registry.methods[mname])))
 
-    return Suite(path, name, description, seeds, validator, backbone, pairs, methods, raw)
+    published: list[dict[str, Any]] = []
+    if "published" in raw:
+        from .published import PublishedError, parse_published
+
+        try:
+            published = parse_published(raw["published"], [p.name for p in pairs], [m.name for m in methods])
+        except PublishedError as e:
+            raise SuiteError(path, e.key, e.message) from None
+    return Suite(path, name, description, seeds, validator, backbone, pairs, methods, raw, published)

@@ -187,12 +187,15 @@ def test_a_method_runs_the_same_on_a_streamed_and_an_in_memory_domain(registry, 
     memory = make_split(pair.name, ms, mt, ms.load(None), mt.load(None), 0, Protocol())
     assert isinstance(streamed.target_test.X, ImageStream) and isinstance(memory.target_test.X, np.ndarray)
     np.testing.assert_array_equal(streamed.target_test.X.materialize(), memory.target_test.X)
+    from dabench.source_model import with_source_model
+    from dabench.training import seed_everything
+
     for name in ("source-only", "dann"):
         preds = []
         for split in (streamed, memory):
             task = split.task(seed=0, device="cpu", budget=Budget(12, 8), backbone=registry.backbones["default"])
-            from dabench.training import seed_everything
-
+            if "source_model" in registry.methods[name].requires:  # the host's source model, trained on the stream
+                task = with_source_model(task)
             seed_everything(0)
             predictor = registry.methods[name]().fit(task)
             preds.append(predictor.predict_proba(split.target_test.X))
@@ -318,7 +321,12 @@ def test_backbone_multiplier_applies_to_pretrained_backbones_only(registry):
 
 
 def test_methods_that_fine_tune_a_backbone_declare_the_multiplier(registry):
-    fine_tuners = {"source-only", "target-oracle", "target-only-k", "dann", "cdan", "cbst", "can",
+    from dabench.source_model import SourceRecipe
+
+    assert SourceRecipe().backbone_lr_mult == 0.1  # the host's source model (source-only) follows the recipe too
+    assert "backbone_lr_mult" not in SourceRecipe().resolved(10, 8)  # run keys of the default recipe unchanged
+    assert SourceRecipe(backbone_lr_mult=0.5).resolved(10, 8)["backbone_lr_mult"] == 0.5
+    fine_tuners = {"target-oracle", "target-only-k", "dann", "cdan", "cbst", "can",
                    "self-ensembling", "iw-discriminative", "iw-kliep"}
     fine_tuners |= {m for m in registry.methods if m.startswith("pa-")}
     for name in fine_tuners & set(registry.methods):
