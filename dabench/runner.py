@@ -233,6 +233,13 @@ def _score_validators(validators: dict[str, Any], predictor: Any, task: Task, wh
     return scores
 
 
+def _rows(X: Any, idx: np.ndarray) -> Any:
+    """Rows ``idx`` of an array (a copy) or of a streamed domain (a sub-stream)."""
+    from .data.stream import is_stream
+
+    return X[idx] if is_stream(X) else np.asarray(X)[idx]
+
+
 def evaluate_stream(adapter: Any, stream: tuple[np.ndarray, np.ndarray], split: PairSplit, task: Task,
                     validators: dict[str, Any]) -> tuple[dict, RunScores]:
     """Metrics and validator scores of a test-time run from the predictions
@@ -254,9 +261,9 @@ def evaluate_stream(adapter: Any, stream: tuple[np.ndarray, np.ndarray], split: 
         # in a seeded shuffled order like the stream: an adapter normalising with batch statistics
         # would otherwise see the split's class-sorted rows in single-class chunks
         perm = stream_order(len(split.source_test), task.seed)
-        ps = _checked_proba(adapter, np.asarray(split.source_test.X)[perm], "source", split.n_classes)
+        ps = _checked_proba(adapter, _rows(split.source_test.X, perm), "source", split.n_classes)
         metrics["source_acc"] = float((ps.argmax(1) == np.asarray(split.source_test.y)[perm]).mean())
-    X_stream = np.asarray(split.target_test.X)[order]
+    X_stream = _rows(split.target_test.X, order)
     vtask = validator_view(task, "test-time", stream_X=X_stream)
     scores = _score_validators(validators, StreamedPredictor(X_stream, proba[order], adapter), vtask, split.name)
     scores.extras = {f"prior_pred_{c}": float(v) for c, v in enumerate(proba.mean(0))}
@@ -348,7 +355,7 @@ class Runner:
     def run_one(self, spec: RunSpec, device: str | None = None) -> RunResult:
         """Compute one run on ``device`` (default: the runner's) and return
         its result; never writes the store."""
-        from .training import seed_everything
+        from .training import amp_context, seed_everything
 
         device = device or self.device
         cls = self.registry.methods[spec.method]
@@ -387,10 +394,13 @@ class Runner:
                                        fingerprints=spec.pair.fingerprints(), seed=spec.seed,
                                        backbone=spec.backbone, shape=task.source_shape, n_classes=task.n_classes,
                                        recipe=recipe, device=device)
-                task, sm_info = attach_source_model(task, recipe=recipe, identity=ident,
-                                                    cache_dir=self.source_model_dir)
+                with amp_context(device, spec.pair.protocol.amp):
+                    task, sm_info = attach_source_model(task, recipe=recipe, identity=ident,
+                                                        cache_dir=self.source_model_dir)
             except KeyboardInterrupt:
                 raise
+            except DataError as exc:  # an image of a streamed domain that cannot be decoded
+                return RunResult(spec, "failed", str(exc), device=device, data_error=True)
             except Exception as exc:
                 log.debug("source model for %s failed:\n%s", spec.key, traceback.format_exc())
                 return RunResult(spec, "failed", f"source model: {_reason(exc)}",
@@ -410,21 +420,24 @@ class Runner:
             view, withheld = task_for_track(task, track)
             seed_everything(spec.seed)
             method = cls(**spec.params)
-            with diagnostics.collect() as diag:
-                predictor = method.fit(view)
-                if track == "test-time":  # the host streams the target test inputs to the adapter
-                    stream = run_stream(predictor, split.target_test.X, seed=spec.seed,
-                                        batch_size=spec.pair.budget.batch_size, n_classes=split.n_classes)
-            if withheld:  # the method caught the TrackViolation and carried on: still a violation
-                raise TrackViolation(f"the method reached for data the {track} track withholds "
-                                     f"({', '.join(sorted(set(withheld)))}) and went on")
-            wall = time.perf_counter() - t0
-            if track == "test-time":
-                metrics, scores = evaluate_stream(predictor, stream, split, view, self.registry.validators)
-            else:
-                metrics, scores = evaluate(predictor, split, view, self.registry.validators, extras_task=task)
+            with amp_context(device, spec.pair.protocol.amp):  # bf16 on CUDA when the suite asks; never on CPU
+                with diagnostics.collect() as diag:
+                    predictor = method.fit(view)
+                    if track == "test-time":  # the host streams the target test inputs to the adapter
+                        stream = run_stream(predictor, split.target_test.X, seed=spec.seed,
+                                            batch_size=spec.pair.budget.batch_size, n_classes=split.n_classes)
+                if withheld:  # the method caught the TrackViolation and carried on: still a violation
+                    raise TrackViolation(f"the method reached for data the {track} track withholds "
+                                         f"({', '.join(sorted(set(withheld)))}) and went on")
+                wall = time.perf_counter() - t0
+                if track == "test-time":
+                    metrics, scores = evaluate_stream(predictor, stream, split, view, self.registry.validators)
+                else:
+                    metrics, scores = evaluate(predictor, split, view, self.registry.validators, extras_task=task)
         except KeyboardInterrupt:
             raise
+        except DataError as exc:  # an image of a streamed domain that cannot be decoded: the data's fault
+            return RunResult(spec, "failed", str(exc), device=device, data_error=True)
         except Exception as exc:
             log.debug("run %s failed:\n%s", spec.key, traceback.format_exc())
             return RunResult(spec, "failed", _reason(exc), wall_time_s=time.perf_counter() - t0,

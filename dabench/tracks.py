@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -60,6 +60,7 @@ from .contract import TRACKS, ContractError, Task, Unlabeled
 
 __all__ = [
     "STREAM_SEED_STREAM",
+    "input_batches",
     "StreamError",
     "StreamedPredictor",
     "TRACKS",
@@ -96,6 +97,8 @@ class Withheld:
     """
 
     __slots__ = ("_field", "_track", "_log")
+    #: marks the class, for code that must not read a withheld field (``Task.streamed``)
+    __dabench_withheld__ = True
 
     def __init__(self, field: str, track: str, log: list[str]) -> None:
         object.__setattr__(self, "_field", field)
@@ -170,6 +173,30 @@ def task_for_track(task: Task, track: str, log: list[str] | None = None) -> tupl
 # ---------------------------------------------------------------- the test-time stream
 
 
+def input_batches(X: Any, batch_size: int, *, rows: Any = None, device: Any = "cpu"
+                  ) -> Iterator[tuple[Any, np.ndarray]]:
+    """``(x, rows)`` batches of ``X`` (an array, or a streamed image domain
+    decoded with its test transform by loader workers) in the order of
+    ``rows`` (default ``0..n-1``): ``x`` a float32 ``(b, prod(shape))``
+    tensor on ``device``, ``rows`` the indices it holds."""
+    import torch
+
+    from .data.stream import is_stream, stream_batches
+
+    n = len(X)
+    rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+    bs = max(1, int(batch_size))
+    specs = [rows[i:i + bs] for i in range(0, len(rows), bs)]
+    if is_stream(X):
+        for xb, idx in stream_batches(X, [(r, None) for r in specs], mode="test", device=device):
+            yield xb, idx.cpu().numpy()
+        return
+    A = np.asarray(X, dtype=np.float32)
+    for r in specs:
+        xb = np.array(A[r], copy=True)
+        yield torch.from_numpy(xb.reshape(len(xb), -1)).to(device), r
+
+
 def stream_order(n: int, seed: int) -> np.ndarray:
     """The order in which the ``n`` target test points are streamed for run
     seed ``seed`` (a permutation; the same for every method of that seed)."""
@@ -205,14 +232,12 @@ def run_stream(adapter: Any, X: np.ndarray, *, seed: int, batch_size: int, n_cla
     if not callable(predict):
         raise ContractError(f"a test-time method's fit must return an OnlineAdapter with predict_batch(X); "
                             f"it returned {type(adapter).__name__}")
-    X = np.asarray(X, dtype=np.float32)
     n = len(X)
     order = stream_order(n, seed)
-    bs = max(1, int(batch_size))
     proba = np.empty((n, n_classes), dtype=np.float64)
-    for i, start in enumerate(range(0, n, bs)):
-        idx = order[start:start + bs]
-        xb = np.array(X[idx], copy=True)
+    # a streamed image domain is decoded batch by batch (test transform) as any array batch is copied
+    for i, (x, idx) in enumerate(input_batches(X, batch_size, rows=order)):
+        xb = x.numpy()
         xb.setflags(write=False)
         proba[idx] = _checked_batch(predict(xb), len(idx), n_classes, i)
     return proba, order
@@ -222,26 +247,30 @@ class StreamedPredictor:
     """The predictions a test-time adapter returned online, as a predictor
     for validators: ``predict_proba(X, "target")`` answers, row by row, with
     the prediction the stream produced for that input (rows are matched by
-    their bytes; an input that was not in the stream raises).  ``embed`` and
-    the source domain go to the adapter's final state when it offers them.
+    their bytes, or by their image file for a streamed domain; an input that
+    was not in the stream raises).  ``embed`` and the source domain go to the
+    adapter's final state when it offers them.
     """
 
-    def __init__(self, X_stream: np.ndarray, proba_stream: np.ndarray, adapter: Any) -> None:
-        self._X = np.asarray(X_stream, dtype=np.float32)
+    def __init__(self, X_stream: Any, proba_stream: np.ndarray, adapter: Any) -> None:
         self._p = np.asarray(proba_stream, dtype=np.float64)
         self._adapter = adapter
-        self._index = {self._digest(row): i for i, row in enumerate(self._X)}
+        self._index = {k: i for i, k in enumerate(self._keys(X_stream))}
 
     @staticmethod
-    def _digest(row: np.ndarray) -> bytes:
-        return hashlib.blake2b(np.ascontiguousarray(row, dtype=np.float32).tobytes(), digest_size=16).digest()
+    def _keys(X: Any) -> list[Any]:
+        from .data.stream import is_stream
 
-    def predict_proba(self, X: np.ndarray, domain: str = "target") -> np.ndarray:
+        if is_stream(X):
+            return list(X.files)
+        A = np.asarray(X, dtype=np.float32).reshape(len(X), -1)
+        return [hashlib.blake2b(np.ascontiguousarray(r).tobytes(), digest_size=16).digest() for r in A]
+
+    def predict_proba(self, X: Any, domain: str = "target") -> np.ndarray:
         if domain != "target":
             return self._final("predict_proba", X, domain)
-        X = np.asarray(X, dtype=np.float32).reshape(len(X), -1)
         try:
-            rows = [self._index[self._digest(r)] for r in X]
+            rows = [self._index[k] for k in self._keys(X)]
         except KeyError:
             raise ValueError("these inputs were not in the test stream: a test-time run has predictions "
                              "only for the stream it adapted on") from None

@@ -44,14 +44,14 @@ and ``engaged`` (1.0 when there was a layer to adapt).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
 from dabench import Float, Method, Task, diagnostics, hookimpl
-from dabench.tracks import norm_layers, skip_without_norm_layers
+from dabench.tracks import input_batches, norm_layers, skip_without_norm_layers
 from dabench.training import DivergedError, TorchPredictor, resolve_device, seed_everything
 
 #: Rows per forward pass when AdaBN estimates statistics.
@@ -68,12 +68,13 @@ def _reduce_dims(x: torch.Tensor) -> list[int]:
 
 
 @torch.no_grad()
-def adabn_statistics(encoder: nn.Module, X: torch.Tensor, batch_size: int = ESTIMATE_BATCH
+def adabn_statistics(encoder: nn.Module, X: Any, device: Any = "cpu", batch_size: int = ESTIMATE_BATCH
                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Set every BN layer of ``encoder`` (eval mode) to the mean and
-    population variance of its inputs over all of ``X``, layer by layer in
-    forward order (Li et al., Algorithm 1); return the source statistics it
-    replaced.  The forward pass of layer ``k`` stops at layer ``k``."""
+    population variance of its inputs over all of ``X`` (an array or a
+    streamed domain, test transform), layer by layer in forward order (Li et
+    al., Algorithm 1); return the source statistics it replaced.  The
+    forward pass of layer ``k`` stops at layer ``k``."""
     layers = norm_layers(encoder)
     encoder.eval()
     source = [(m.running_mean.clone(), m.running_var.clone()) for m in layers]
@@ -90,9 +91,9 @@ def adabn_statistics(encoder: nn.Module, X: torch.Tensor, batch_size: int = ESTI
 
         handle = m.register_forward_pre_hook(hook)
         try:
-            for i in range(0, len(X), batch_size):
+            for x, _ in input_batches(X, batch_size, device=device):
                 try:
-                    encoder(X[i:i + batch_size])
+                    encoder(x)
                 except _StopForward:
                     pass
         finally:
@@ -123,7 +124,7 @@ class AdaBN(Method):
     version = "1"
     track = "source-free"
     requires = frozenset({"same_feature_space", "source_model"})
-    requires_contract = "1.2"
+    requires_contract = "1.3"
     paper = ("Li, Wang, Shi, Liu, Hou, Revisiting Batch Normalization For Practical Domain Adaptation, "
              "arXiv 1603.04779, 2016 (AdaBN)")
     hyperparameters: dict = {}
@@ -137,8 +138,7 @@ class AdaBN(Method):
         device = resolve_device(task.device)
         source_encoder, classifier = task.source_model.build(str(device))
         target_encoder, _ = task.source_model.build(str(device))
-        X = torch.from_numpy(np.array(task.target_train.X, copy=True)).to(device)
-        source = adabn_statistics(target_encoder, X)
+        source = adabn_statistics(target_encoder, task.target_train.X, device)
         layers = norm_layers(target_encoder)
         shift, ratio = _shift(layers, source, [(m.running_mean, m.running_var) for m in layers])
         for name, value in (("n_norm_layers", float(len(layers))), ("stat_shift", shift), ("var_ratio", ratio),
@@ -203,9 +203,13 @@ class BNAdaptAdapter:
         self.shifts: list[tuple[float, float]] = []
 
     @torch.no_grad()
-    def _run(self, X: np.ndarray, head: bool) -> np.ndarray:
-        X = np.asarray(X, dtype=np.float32).reshape(len(X), -1)
-        x = torch.from_numpy(np.array(X, copy=True)).to(self.device)
+    def _run(self, X: Any, head: bool) -> np.ndarray:
+        """One batch (an array, or a tensor already on the device) through the mixed-statistics model."""
+        if isinstance(X, torch.Tensor):
+            x = X.to(self.device)
+        else:
+            X = np.asarray(X, dtype=np.float32).reshape(len(X), -1)
+            x = torch.from_numpy(np.array(X, copy=True)).to(self.device)
         with self.mixed.active():
             z = self.encoder(x)
             out = torch.softmax(self.classifier(z), 1).double() if head else z.float()
@@ -230,13 +234,13 @@ class BNAdaptAdapter:
         diagnostics.record("engaged", float(bool(self.layers)))
         return p
 
-    def predict_proba(self, X: np.ndarray, domain: str = "target") -> np.ndarray:
+    def predict_proba(self, X: Any, domain: str = "target") -> np.ndarray:
         """The same normalisation over chunks of the stream's batch size (stateless: the model after the
-        stream is the model before it)."""
-        return np.concatenate([self._run(X[i:i + self.chunk], True) for i in range(0, len(X), self.chunk)])
+        stream is the model before it); ``X`` an array or a streamed domain."""
+        return np.concatenate([self._run(x, True) for x, _ in input_batches(X, self.chunk, device=self.device)])
 
-    def embed(self, X: np.ndarray, domain: str = "target") -> np.ndarray:
-        return np.concatenate([self._run(X[i:i + self.chunk], False) for i in range(0, len(X), self.chunk)])
+    def embed(self, X: Any, domain: str = "target") -> np.ndarray:
+        return np.concatenate([self._run(x, False) for x, _ in input_batches(X, self.chunk, device=self.device)])
 
 
 class BNAdapt(Method):
@@ -248,7 +252,7 @@ class BNAdapt(Method):
     version = "1"
     track = "test-time"
     requires = frozenset({"same_feature_space", "source_model"})
-    requires_contract = "1.2"
+    requires_contract = "1.3"
     paper = ("Schneider, Rusak, Eck, Bringmann, Brendel, Bethge, Improving robustness against common corruptions "
              "by covariate shift adaptation, NeurIPS 2020")
     hyperparameters = {

@@ -61,6 +61,7 @@ source model's) and ``engaged`` (1.0 when ``pred_changed`` >= 1%).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,6 +69,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dabench import Bool, Float, Int, Method, Task, diagnostics, hookimpl
+from dabench.tracks import input_batches
 from dabench.training import (
     CHECK_EVERY,
     TensorBatches,
@@ -128,13 +130,15 @@ def centroid_pseudo_labels(features: torch.Tensor, proba: torch.Tensor) -> torch
 
 
 @torch.no_grad()
-def _features_and_proba(encoder: nn.Module, classifier: nn.Module, X: torch.Tensor,
+def _features_and_proba(encoder: nn.Module, classifier: nn.Module, X: Any, device: torch.device,
                         batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and softmax of every row of ``X`` (an array or a streamed
+    domain, test transform) in eval mode."""
     was = encoder.training
     encoder.eval()
     feats, probs = [], []
-    for i in range(0, len(X), batch_size):
-        z = encoder(X[i:i + batch_size])
+    for x, _ in input_batches(X, batch_size, device=device):
+        z = encoder(x)
         feats.append(z)
         probs.append(torch.softmax(classifier(z), dim=1))
     encoder.train(was)
@@ -150,7 +154,7 @@ class SHOT(Method):
     version = "1"
     track = "source-free"
     requires = frozenset({"same_feature_space", "source_model"})
-    requires_contract = "1.2"
+    requires_contract = "1.3"
     paper = ("Liang, Hu, Feng, Do We Really Need to Access the Source Data? Source Hypothesis Transfer for "
              "Unsupervised Domain Adaptation, ICML 2020 (SHOT)")
     hyperparameters = {
@@ -172,12 +176,12 @@ class SHOT(Method):
         opt = torch.optim.SGD(encoder.parameters(), lr=self.lr, momentum=0.9, nesterov=True,
                               weight_decay=self.weight_decay)
         bs = task.budget.batch_size
-        batches = TensorBatches(task.target_train.X, batch_size=bs, device=device, seed=stream_seed(task.seed, 2))
-        Xt = batches.X
+        Xt = task.target_train.X
+        batches = TensorBatches(Xt, batch_size=bs, device=device, seed=stream_seed(task.seed, 2))
         interval = max(1, math.ceil(batches.n / batches.batch_size))
         steps = min(task.budget.steps, self.epochs * interval)
 
-        _, p0 = _features_and_proba(encoder, classifier, Xt)
+        _, p0 = _features_and_proba(encoder, classifier, Xt, device)
         source_pred = p0.argmax(1)
         ent0, div0 = im_terms(p0)
 
@@ -187,7 +191,7 @@ class SHOT(Method):
         loss = torch.zeros((), device=device)
         for step in range(steps):
             if self.cls_par > 0 and step % interval == 0:
-                feats, proba = _features_and_proba(encoder, classifier, Xt)
+                feats, proba = _features_and_proba(encoder, classifier, Xt, device)
                 new = centroid_pseudo_labels(feats, proba)
                 if labels is not None:
                     changed.append(float((new != labels).float().mean()))
@@ -211,7 +215,7 @@ class SHOT(Method):
             check_finite(loss, step, every=CHECK_EVERY)
         check_finite(loss, steps)
 
-        _, p1 = _features_and_proba(encoder, classifier, Xt)
+        _, p1 = _features_and_proba(encoder, classifier, Xt, device)
         ent1, div1 = im_terms(p1)
         pred_changed = float((p1.argmax(1) != source_pred).float().mean())
         for name, value in (("pl_agree_source_first", agree_first), ("pl_agree_source_last", agree_last),

@@ -64,13 +64,14 @@ parameters were updated and lowered the entropy on average).
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from dabench import Choice, Float, Int, Method, Task, diagnostics, hookimpl
-from dabench.tracks import norm_layers, skip_without_norm_layers
+from dabench.tracks import input_batches, norm_layers, skip_without_norm_layers
 from dabench.training import DivergedError, resolve_device, seed_everything
 
 
@@ -168,11 +169,9 @@ class TentAdapter:
         return torch.softmax(outputs.detach(), 1).double().cpu().numpy()
 
     @torch.no_grad()
-    def _map(self, X: np.ndarray, head: bool) -> np.ndarray:
-        x = self._tensor(X)
+    def _map(self, X: Any, head: bool) -> np.ndarray:
         out = []
-        for i in range(0, len(x), self.chunk):
-            xb = x[i:i + self.chunk]
+        for xb, _ in input_batches(X, self.chunk, device=self.device):
             if self._degenerate(xb):
                 with self._source_stats():
                     z = self.encoder(xb)
@@ -184,12 +183,13 @@ class TentAdapter:
             raise DivergedError("TENT's adapted model outputs non-finite values")
         return a
 
-    def predict_proba(self, X: np.ndarray, domain: str = "target") -> np.ndarray:
-        """The adapted model after the stream (no further updates)."""
+    def predict_proba(self, X: Any, domain: str = "target") -> np.ndarray:
+        """The adapted model after the stream (no further updates); ``X`` an
+        array or a streamed domain, in chunks of the stream's batch size."""
         p = self._map(X, head=True)
         return p / p.sum(1, keepdims=True)
 
-    def embed(self, X: np.ndarray, domain: str = "target") -> np.ndarray:
+    def embed(self, X: Any, domain: str = "target") -> np.ndarray:
         return self._map(X, head=False)
 
     def record_diagnostics(self) -> None:
@@ -209,7 +209,7 @@ class Tent(Method):
     version = "1"
     track = "test-time"
     requires = frozenset({"same_feature_space", "source_model"})
-    requires_contract = "1.2"
+    requires_contract = "1.3"
     paper = ("Wang, Shelhamer, Liu, Olshausen, Darrell, Tent: Fully Test-Time Adaptation by Entropy "
              "Minimization, ICLR 2021")
     hyperparameters = {

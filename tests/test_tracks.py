@@ -31,14 +31,14 @@ def _method(**attrs):
 
 
 def test_a_track_method_must_start_from_the_source_model_and_declare_contract_1_2():
-    validate_method_class(_method(track="source-free", requires=frozenset({"source_model"}), requires_contract="1.2"))
+    validate_method_class(_method(track="source-free", requires=frozenset({"source_model"}), requires_contract="1.3"))
     with pytest.raises(ContractError, match="add \"source_model\" to its requires"):
-        validate_method_class(_method(track="test-time", requires_contract="1.2"))
-    with pytest.raises(ContractError, match="requires_contract = \"1.2\""):
+        validate_method_class(_method(track="test-time", requires_contract="1.3"))
+    with pytest.raises(ContractError, match="requires_contract = \"1.3\""):
         validate_method_class(_method(track="source-free", requires=frozenset({"source_model"}),
                                       requires_contract="1.1"))
     with pytest.raises(ContractError, match="known tracks"):
-        validate_method_class(_method(track="online", requires=frozenset({"source_model"}), requires_contract="1.2"))
+        validate_method_class(_method(track="online", requires=frozenset({"source_model"}), requires_contract="1.3"))
 
 
 def test_the_source_free_view_holds_no_source_data(registry):
@@ -99,7 +99,7 @@ class Cheater(Method):
     name = "cheat-sf"
     track = "source-free"
     requires = frozenset({"source_model"})
-    requires_contract = "1.2"
+    requires_contract = "1.3"
     hyperparameters = {}
 
     def fit(self, task):
@@ -133,7 +133,7 @@ class Zero(Method):
     name = "tt-zero"
     track = "test-time"
     requires = frozenset({"source_model"})
-    requires_contract = "1.2"
+    requires_contract = "1.3"
     hyperparameters = {}
 
     def fit(self, task):
