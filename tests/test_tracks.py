@@ -337,3 +337,51 @@ def test_a_store_from_before_tracks_reads_as_uda(tmp_path):
     assert "track" in cols
     board = compute_leaderboard([{k: v for k, v in _row("dann", s, 0.7).items() if k != "track"} for s in (0, 1)])
     assert list(board.methods["track"]) == ["uda"] and "Track: every method ran under `uda`" in to_markdown(board)
+
+
+STREAMED_SUITE = """
+name = "imgs"
+seeds = 1
+backbone = "small-cnn-bn"
+pairs = ["src:tgt"]
+
+[budget]
+steps = 10
+batch_size = 8
+
+[domains.src]
+path = "src"
+format = "imagefolder"
+label_space = "animals"
+size = [16, 16]
+
+[domains.tgt]
+path = "tgt"
+format = "imagefolder"
+label_space = "animals"
+size = [16, 16]
+
+[methods.source-only]
+[methods.shot]
+[methods.adabn]
+[methods.tent]
+[methods.bn-adapt]
+"""
+
+
+def test_every_track_runs_on_streamed_image_folders(tmp_path, monkeypatch):
+    from conftest import write_image_folder
+    from dabench.data.stream import WORKERS_VAR
+
+    monkeypatch.setenv(WORKERS_VAR, "0")  # decode in the test's process: the same batches, no worker start-up
+    write_image_folder(tmp_path / "src", per_class=8, seed=0)
+    write_image_folder(tmp_path / "tgt", per_class=8, seed=1, shift=1.0)
+    reg = get_registry()
+    suite = parse_suite(write(tmp_path / "s.toml", STREAMED_SUITE), reg)
+    with RunStore(tmp_path / "res") as store:
+        summary = Runner(reg, store, device="cpu").run(suite)
+        rows = {r["method"]: r for r in store.rows()}
+    assert summary.ok == 5, {m: r["reason"] for m, r in rows.items()}
+    assert rows["tent"]["track"] == "test-time" and rows["tent"]["source_acc"] is not None
+    assert rows["bn-adapt"]["val_entropy"] is not None  # validators scored the streamed predictions
+    assert rows["shot"]["x_diag_engaged"] is not None and rows["adabn"]["x_diag_n_norm_layers"] == 3.0
