@@ -45,6 +45,19 @@ Simplified or changed, and why:
   use (feature normalisation, gradient clipping).
 - Budgets are far shorter than the paper's (hundreds of steps, CPU-sized);
   the quick suite measures relative gains, not the paper's absolute numbers.
+
+Health signals (:mod:`dabench.diagnostics`), read from the training batches
+at no extra forward pass:
+
+- ``disc_acc_start`` / ``disc_acc_end``: the domain classifier's accuracy
+  (source vs target, threshold 0.5) over the first and the last tenth of the
+  steps.  Near 0.5 at the end: the features fool it (or it never learned);
+  near 1: the domains stay separable and the reversed gradient of a
+  saturated classifier has all but vanished.
+- ``engaged``: 1 when ``disc_acc_end`` is below :data:`ENGAGED_BELOW` (0.9),
+  i.e. the classifier does not separate the domains at the end of training,
+  so the adversarial term was still acting on the features; 0 otherwise.
+  (A heuristic: the benchmark's reading of "the features never fool it".)
 """
 
 from __future__ import annotations
@@ -53,7 +66,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dabench import Float, Int, Method, Task, hookimpl
+from dabench import Float, Int, Method, Task, diagnostics, hookimpl
 from dabench.training import (
     CHECK_EVERY,
     TensorBatches,
@@ -70,6 +83,22 @@ from dabench.training import (
     stream_seed,
 )
 
+#: ``engaged`` is 1 when the domain classifier's accuracy over the last tenth
+#: of training is below this.
+ENGAGED_BELOW = 0.9
+
+
+def record_domain_accuracy(acc_per_step: list[torch.Tensor]) -> None:
+    """Record ``disc_acc_start`` / ``disc_acc_end`` (mean domain-classifier
+    accuracy over the first and last tenth of the steps) and ``engaged``."""
+    if not acc_per_step:
+        return
+    acc = torch.stack(acc_per_step).float().cpu()
+    tenth = max(1, len(acc) // 10)
+    start, end = float(acc[:tenth].mean()), float(acc[-tenth:].mean())
+    diagnostics.record("disc_acc_start", start)
+    diagnostics.record("disc_acc_end", end)
+    diagnostics.record("engaged", float(end < ENGAGED_BELOW))
 
 
 def domain_classifier(in_dim: int, hidden: int, layers: int) -> nn.Sequential:
@@ -88,7 +117,7 @@ class DANN(Method):
 
     name = "dann"
     family = "adversarial"
-    version = "1"
+    version = "2"
     requires = frozenset({"same_feature_space"})
     paper = "Ganin et al., Domain-Adversarial Training of Neural Networks, JMLR 17(59):1-35, 2016"
     hyperparameters = {
@@ -120,6 +149,7 @@ class DANN(Method):
         ones = torch.ones(nt, device=device)
         steps = task.budget.steps
         loss = torch.zeros(())
+        disc_acc: list[torch.Tensor] = []
         for step in range(steps):
             p = progress(step, steps)
             set_lr(opt, annealed_lr(p, self.lr))
@@ -135,7 +165,10 @@ class DANN(Method):
             loss.backward()
             opt.step()
             check_finite(loss, step, every=CHECK_EVERY)
+            with torch.no_grad():  # stays on the device: no sync per step
+                disc_acc.append(((d[:ns] < 0).sum() + (d[ns:] > 0).sum()) / float(ns + nt))
         check_finite(loss, steps)
+        record_domain_accuracy(disc_acc)
         return TorchPredictor(encoder, classifier, device)
 
 
