@@ -185,7 +185,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from .executors import ExecutorError, make_executor
     from .leaderboard import LeaderboardError, write_reports
     from .runner import Runner
-    from .store import RunStore, StoreError
+    from .store import RunStore, StoreError, canonical_json
     from .suite import SuiteError, parse_suite
     from .training import resolve_device
 
@@ -249,6 +249,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             console.info(f"      {_no_data_line(ev)}")
 
     store.set_meta("validator", suite.validator)
+    store.set_meta("published", canonical_json(full.published))
     runner = Runner(reg, store, device=device, data_root=args.data_root, on_event=on_event,
                     plugins_dir=args.plugins_dir)
     try:

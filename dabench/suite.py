@@ -22,6 +22,8 @@ missing field or a wrong type is an error naming the file and the key)::
     training = "end-to-end"             # or "head": domains are cached backbone features
     standardize = "source"              # vector inputs: per-feature mean/std of the source
                                         # train split ("none": as loaded); images untouched
+    resize = "bilinear"                 # smaller images to the shared shape: "bilinear" or
+                                        # "pad" (zero-pad, centred, at their own scale)
 
     [budget]                            # optional; defaults shown
     steps = 1000
@@ -32,6 +34,12 @@ missing field or a wrong type is an error naming the file and the key)::
     weight_decay = 5e-4                 #  { pair = "...", source_model = { steps = 3000 } })
     steps = 1000                        # default: the pair's budget
     batch_size = 64                     # default: the pair's budget
+
+    [[published]]                       # optional: published numbers the report compares with
+    pair = "mnist:mnistm"               # (dabench.published)
+    method = "dann"
+    accuracy = 76.66
+    source = "Ganin et al., JMLR 2016, Table 2"
 
     [domains.NAME]                      # optional: a domain from a file (dabench.data.files)
     path = "usps.npz"
@@ -160,6 +168,8 @@ class Suite:
     pairs: list[PairEntry]
     methods: list[MethodEntry]
     raw: dict = field(repr=False, default_factory=dict)
+    #: published results the suite cites (``[[published]]``; see :mod:`dabench.published`)
+    published: list[dict[str, Any]] = field(default_factory=list)
 
     def expand(self, registry: Any) -> list[RunSpec]:
         """Every run of the suite, in a stable order (pair, seed, method, point)."""
@@ -202,8 +212,8 @@ class Suite:
 # ----------------------------------------------------------------- parsing
 
 _TOP = {"name", "description", "seeds", "validator", "backbone", "pairs", "protocol", "budget", "methods",
-        "domains", "source_model"}
-_PROTOCOL = {"k_target", "feature_space", "max_source", "max_target", "training", "standardize"}
+        "domains", "source_model", "published"}
+_PROTOCOL = {"k_target", "feature_space", "max_source", "max_target", "training", "standardize", "resize"}
 TRAINING_PROTOCOLS = ("end-to-end", "head")
 _BUDGET = {"steps", "batch_size"}
 _SOURCE_MODEL = {"steps", "batch_size", "lr", "weight_decay"}
@@ -249,6 +259,11 @@ def _protocol(path: Path, where: str, table: Any, base: Protocol) -> Protocol:
         if tr not in TRAINING_PROTOCOLS:
             raise SuiteError(path, f"{where}.training", f'expected "end-to-end" or "head", got {tr!r}')
         kw["training"] = tr
+    if "resize" in table:
+        rs = _expect(path, f"{where}.resize", table["resize"], str, '"bilinear" or "pad"')
+        if rs not in ("bilinear", "pad"):
+            raise SuiteError(path, f"{where}.resize", f'expected "bilinear" or "pad", got {rs!r}')
+        kw["resize"] = rs
     if "standardize" in table:
         st = _expect(path, f"{where}.standardize", table["standardize"], str, '"source" or "none"')
         if st not in ("source", "none"):
@@ -468,4 +483,12 @@ def parse_suite(path: str | Path, registry: Any, data_root: str | Path | None = 
         _expect(path, f"methods.{mname}", table, dict, "a table")
         methods.append(MethodEntry(mname, _points(path, mname, table, registry.methods[mname])))
 
-    return Suite(path, name, description, seeds, validator, backbone, pairs, methods, raw)
+    published: list[dict[str, Any]] = []
+    if "published" in raw:
+        from .published import PublishedError, parse_published
+
+        try:
+            published = parse_published(raw["published"], [p.name for p in pairs], [m.name for m in methods])
+        except PublishedError as e:
+            raise SuiteError(path, e.key, e.message) from None
+    return Suite(path, name, description, seeds, validator, backbone, pairs, methods, raw, published)

@@ -211,3 +211,15 @@ def test_constant_features_do_not_divide_by_zero(registry, tmp_path):
     mean, std = _moments(np.array([[1.0, 2.0], [1.0, 4.0]], np.float32))
     np.testing.assert_array_equal(std, [1.0, 1.0])
     np.testing.assert_array_equal(mean, [1.0, 3.0])
+
+
+def test_pad_resize_keeps_scale_and_centres(registry):
+    from dabench.data.core import resize_images
+
+    X = np.zeros((2, 1, 28, 28), np.float32)
+    X[:, 0, 10, 12] = 1.0
+    out = resize_images(X, (3, 32, 32), "pad")
+    assert out.shape == (2, 3, 32, 32) and out[:, :, 12, 14].min() == 1.0 and out.sum() == 2 * 3
+    with pytest.raises(DataError, match="larger"):
+        resize_images(np.zeros((1, 1, 40, 40), np.float32), (1, 32, 32), "pad")
+    assert Protocol(resize="pad").as_dict()["resize"] == "pad" and "resize" not in Protocol().as_dict()

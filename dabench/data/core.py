@@ -89,6 +89,12 @@ class Protocol:
     #: target domain is standardised with its own *unlabelled* train split);
     #: ``"none"`` leaves inputs as loaded.  No target labels are used.
     standardize: str = "source"
+    #: how the smaller images of a pair reach the shared shape (``"shared"``
+    #: feature space): ``"bilinear"`` (default) rescales them; ``"pad"``
+    #: zero-pads them, centred, at their own scale (e.g. MNIST 28x28 -> 32x32
+    #: for MNIST-M, whose 32x32 images hold the 28x28 digit padded by 2).
+    #: Grey images are repeated to the larger channel count either way.
+    resize: str = "bilinear"
 
     def as_dict(self) -> dict:
         """The protocol as stored with each run (part of the run key).
@@ -105,6 +111,8 @@ class Protocol:
         if self.training != "end-to-end":
             d["training"] = self.training
         d["standardize"] = self.standardize
+        if self.resize != "bilinear":
+            d["resize"] = self.resize
         return d
 
 
@@ -186,9 +194,11 @@ def _cap(n: int, cap: int | None, rng: np.random.Generator) -> np.ndarray:
     return idx
 
 
-def resize_images(X: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+def resize_images(X: np.ndarray, shape: tuple[int, int, int], mode: str = "bilinear") -> np.ndarray:
     """Resize ``(n, c, h, w)`` images to ``shape`` = (C, H, W): bilinear
-    (antialiased when shrinking) and grey-to-colour by channel repetition."""
+    (antialiased when shrinking), or with ``mode="pad"`` zero-padded, centred
+    (never shrunk: a larger image is an error), and grey-to-colour by channel
+    repetition."""
     import torch
     import torch.nn.functional as F
 
@@ -197,7 +207,12 @@ def resize_images(X: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     if c not in (1, C):
         raise DataError(f"cannot map {c}-channel images to {C} channels")
     out = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
-    if (h, w) != (H, W):
+    if (h, w) != (H, W) and mode == "pad":
+        if h > H or w > W:
+            raise DataError(f"cannot pad {h}x{w} images to {H}x{W}: they are larger")
+        top, left = (H - h) // 2, (W - w) // 2
+        out = F.pad(out, (left, W - w - left, top, H - h - top))
+    elif (h, w) != (H, W):
         out = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False, antialias=(H < h or W < w))
     if c != C:
         out = out.repeat(1, C, 1, 1)
@@ -272,9 +287,9 @@ def make_split(
     if protocol.feature_space == "shared" and s_shape != t_shape:
         shape = common_shape(s_shape, t_shape, f"pair {name!r}")
         if s_shape != shape:
-            Xs = resize_images(Xs, shape)
+            Xs = resize_images(Xs, shape, protocol.resize)
         if t_shape != shape:
-            Xt = resize_images(Xt, shape)
+            Xt = resize_images(Xt, shape, protocol.resize)
         s_shape = t_shape = shape
 
     Xs = Xs.reshape(len(Xs), -1)
