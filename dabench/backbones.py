@@ -5,7 +5,10 @@ module takes *flattened* inputs ``(n, prod(shape))`` (that is how a
 :class:`dabench.Task` stores ``X``) and returns ``(n, out_dim)`` features; it
 reshapes image inputs itself.  Factories build fresh weights from torch's
 global generator, so a method seeds (``dabench.training.seed_everything``)
-before calling ``task.backbone(shape)``.
+before calling ``task.backbone(shape)``.  A factory whose module starts from
+pretrained weights marks it with :func:`mark_pretrained`; methods fine-tune
+such a backbone at ``backbone_lr_mult`` (default 0.1) times the heads'
+learning rate, and train the others at the heads' rate.
 
 Registered names (``backbone = "..."`` in a suite):
 
@@ -16,6 +19,8 @@ Registered names (``backbone = "..."`` in a suite):
 - ``"dann-mnist"``: :func:`dann_mnist_backbone`: the 5x5-conv CNN for any
   image size of at least 20x20.
 - ``"small-cnn"``: :func:`small_cnn_backbone`.
+- ``"lenet"``: :func:`lenet_backbone`: TLlib's digit LeNet with its
+  256-unit batch-normalised bottleneck (MNIST <-> USPS recipes).
 - ``"default-bn"``, ``"mlp-bn"``, ``"dann-mnist-bn"``, ``"small-cnn-bn"``: the
   same networks with batch normalisation after every convolution and hidden
   linear layer (before the non-linearity), as in the digit networks of the
@@ -43,7 +48,10 @@ __all__ = [
     "default_backbone",
     "default_bn_backbone",
     "has_batch_norm",
+    "lenet_backbone",
     "dann_mnist_backbone",
+    "is_pretrained",
+    "mark_pretrained",
     "mlp_backbone",
     "small_cnn_backbone",
 ]
@@ -75,6 +83,20 @@ def _channels_last(net: nn.Module) -> nn.Module:
     output (numerically the same network; faster on CPU and on GPUs with
     tensor cores)."""
     return net.to(memory_format=torch.channels_last)
+
+
+def mark_pretrained(module: nn.Module, weights: str) -> nn.Module:
+    """Declare that ``module`` starts from pretrained ``weights`` (e.g.
+    ``"torchvision ResNet50_Weights.IMAGENET1K_V1"``): methods then fine-tune
+    it at ``backbone_lr_mult`` times their learning rate
+    (:func:`dabench.training.backbone_param_groups`).  Returns ``module``."""
+    module.dabench_pretrained = str(weights)
+    return module
+
+
+def is_pretrained(module: nn.Module) -> bool:
+    """Whether a backbone factory marked ``module`` with :func:`mark_pretrained`."""
+    return bool(getattr(module, "dabench_pretrained", None))
 
 
 def _check_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -154,6 +176,34 @@ def small_cnn_backbone(shape: tuple[int, ...], out_dim: int = FEATURE_DIM, norm:
     return _channels_last(nn.Sequential(*mods)), out_dim
 
 
+def lenet_backbone(shape: tuple[int, ...], bottleneck: int = 256) -> tuple[nn.Module, int]:
+    """LeNet with a batch-normalised bottleneck, as in the digit experiments
+    of the Transfer-Learning-Library (TLlib, thuml; ``lenet`` and the
+    ``ImageClassifier`` bottleneck of its DANN/CDAN digit scripts):
+
+    conv5x5-20, maxpool 2, ReLU, conv5x5-50, dropout2d 0.5, maxpool 2, ReLU,
+    flatten, ``Linear(., 500)``, ReLU, dropout 0.5, then the bottleneck
+    ``Linear(500, bottleneck)`` + ``BatchNorm1d`` + ReLU (256 in TLlib); the
+    output is the bottleneck.  Pixels are rescaled from [0, 1] to [-1, 1]
+    (TLlib's ``Normalize(0.5, 0.5)``).  For images of at least 20x20 (TLlib
+    resizes digits to 28x28).  Dropout is active in train mode only.
+    """
+    shape = _check_shape(shape)
+    if len(shape) != 3 or shape[1] < 20 or shape[2] < 20:
+        raise ValueError(f"lenet backbone needs (C, H, W) images of at least 20x20, got {shape}")
+    c, h, w = shape
+    h2, w2 = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
+    net = nn.Sequential(
+        _Unflatten(shape),
+        nn.Conv2d(c, 20, 5), nn.MaxPool2d(2), nn.ReLU(),
+        nn.Conv2d(20, 50, 5), nn.Dropout2d(0.5), nn.MaxPool2d(2), nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(50 * h2 * w2, 500), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(500, bottleneck), nn.BatchNorm1d(bottleneck), nn.ReLU(),
+    )
+    return _channels_last(net), bottleneck
+
+
 def default_bn_backbone(shape: tuple[int, ...]) -> tuple[nn.Module, int]:
     """:func:`default_backbone` with batch normalisation (``"default-bn"``)."""
     shape = _check_shape(shape)
@@ -195,3 +245,4 @@ def dabench_backbones(register) -> None:  # type: ignore[no-untyped-def]
     register("mlp-bn", functools.partial(mlp_backbone, norm=True))
     register("dann-mnist-bn", functools.partial(dann_mnist_backbone, norm=True))
     register("small-cnn-bn", functools.partial(small_cnn_backbone, norm=True))
+    register("lenet", lenet_backbone)

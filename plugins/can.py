@@ -93,11 +93,13 @@ from torch.nn import functional as F
 from dabench import Float, Int, Method, Task, diagnostics, hookimpl
 from dabench.backbones import has_batch_norm
 from dabench.training import (
+    BACKBONE_LR_MULT,
     CHECK_EVERY,
     TensorBatches,
     TorchPredictor,
     annealed_lr,
     check_finite,
+    backbone_param_groups,
     make_sgd,
     progress,
     resolve_device,
@@ -272,12 +274,13 @@ class CAN(Method):
     name = "can"
     family = "contrastive"
     version = "2"
-    requires = frozenset({"same_feature_space", "source_model"})
-    requires_contract = "1.1"
+    requires = frozenset({"same_feature_space", "source_model", "arrays"})
+    requires_contract = "1.2"
     paper = "Kang et al., Contrastive Adaptation Network for Unsupervised Domain Adaptation, CVPR 2019"
     hyperparameters = {
         "lr": Float(0.01, 1e-4, 0.1, log=True, help="initial SGD learning rate (annealed over the run)"),
         "weight_decay": Float(5e-4, 1e-6, 1e-2, log=True, help="L2 weight decay"),
+        "backbone_lr_mult": BACKBONE_LR_MULT,
         "cdd_weight": Float(0.3, 0.01, 3.0, log=True, help="weight beta of the CDD loss"),
         "loops": Int(4, 1, 20, help="alternating-optimisation loops (cluster, filter, train)"),
         "dist_threshold": Float(0.05, 0.001, 0.5, log=True, help="D0: max cosine distance (0.5(1-cos)) to the cluster centre"),
@@ -304,7 +307,7 @@ class CAN(Method):
         device = resolve_device(task.device)
         encoder, classifier = task.source_model.build(device)
         separate = has_batch_norm(encoder)  # per-domain batch statistics, as the reference's per-domain BN
-        params = [p for m in (encoder, classifier) for p in m.parameters()]
+        params = backbone_param_groups(encoder, classifier, self.backbone_lr_mult)
         opt = make_sgd(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
         bs = task.budget.batch_size
         C = task.n_classes

@@ -91,10 +91,12 @@ from torch.nn import functional as F
 
 from dabench import Float, Int, Method, Task, diagnostics, hookimpl
 from dabench.training import (
+    BACKBONE_LR_MULT,
     CHECK_EVERY,
     TensorBatches,
     TorchPredictor,
     check_finite,
+    backbone_param_groups,
     make_sgd,
     resolve_device,
     seed_everything,
@@ -175,14 +177,15 @@ class CBST(Method):
     name = "cbst"
     family = "self-training"
     version = "2"
-    requires = frozenset({"same_feature_space", "source_model"})
-    requires_contract = "1.1"
+    requires = frozenset({"same_feature_space", "source_model", "arrays"})
+    requires_contract = "1.2"
     paper = ("Zou et al., Unsupervised Domain Adaptation for Semantic Segmentation via "
              "Class-Balanced Self-Training, ECCV 2018")
     hyperparameters = {
         "lr": Float(0.01, 1e-4, 0.1, log=True,
                     help="SGD learning rate of the first round (divided by sqrt(2) every round, as the reference)"),
         "weight_decay": Float(5e-4, 1e-6, 1e-2, log=True, help="L2 weight decay"),
+        "backbone_lr_mult": BACKBONE_LR_MULT,
         "rounds": Int(7, 1, 20, help="self-training rounds (pseudo-label with the current model, then train)"),
         "portion0": Float(0.2, 0.05, 1.0, help="portion p of each class selected in the first round"),
         "portion_step": Float(0.05, 0.0, 0.5, help="increase of p per round"),
@@ -194,7 +197,7 @@ class CBST(Method):
         seed_everything(task.seed)
         device = resolve_device(task.device)
         encoder, classifier = task.source_model.build(device)
-        params = [p for m in (encoder, classifier) for p in m.parameters()]
+        params = backbone_param_groups(encoder, classifier, self.backbone_lr_mult)
         opt = make_sgd(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
         bs = task.budget.batch_size
         src = TensorBatches(task.source_train.X, task.source_train.y, batch_size=bs,

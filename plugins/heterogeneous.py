@@ -280,7 +280,7 @@ class GWHDA(Method):
     name = "gw-hda"
     family = "heterogeneous"
     version = "2"
-    requires = frozenset()
+    requires = frozenset({"arrays"})
     paper = ("Yan, Li, Wu, Min, Tan, Wu, Semi-supervised optimal transport for heterogeneous domain adaptation, "
              "IJCAI 2018 (Gromov-Wasserstein: Mémoli, FoCM 2011; Peyré, Cuturi, Solomon, ICML 2016)")
     hyperparameters = {

@@ -23,7 +23,8 @@ Britefury/self-ensemble-visual-domain-adapt, ``experiment_domainadapt_meanteache
   the same and therefore does *not* start from the host's shared source
   model.  It is compared with source-only at the same budget, as DANN is.
 - A student network trained by Adam (learning rate ``lr`` = 1e-3, the
-  reference's default, constant, no weight decay) and a teacher whose
+  reference's default, constant, no weight decay; a *pretrained* backbone
+  at ``backbone_lr_mult`` times it, as every dabench method) and a teacher whose
   weights are an exponential moving average of the student's: after every
   student step ``theta_T <- alpha theta_T + (1 - alpha) theta_S``
   (``teacher_alpha`` 0.99; the reference's ``WeightEMA`` averages the
@@ -107,10 +108,12 @@ from torch.nn import functional as F
 from dabench import Float, Method, Task, diagnostics, hookimpl
 from dabench import backbones as _bb
 from dabench.training import (
+    BACKBONE_LR_MULT,
     CHECK_EVERY,
     TensorBatches,
     TorchPredictor,
     check_finite,
+    backbone_param_groups,
     resolve_device,
     seed_everything,
     stream_seed,
@@ -269,11 +272,12 @@ class SelfEnsembling(Method):
     name = "self-ensembling"
     family = "self-training"
     version = "2"
-    requires = frozenset({"same_feature_space"})
+    requires = frozenset({"same_feature_space", "arrays"})
     paper = ("French, Mackiewicz, Fisher, Self-ensembling for visual domain adaptation, ICLR 2018 "
              "(mean teacher: Tarvainen & Valpola, NeurIPS 2017)")
     hyperparameters = {
         "lr": Float(1e-3, 1e-5, 1e-2, log=True, help="Adam learning rate (constant, as the reference)"),
+        "backbone_lr_mult": BACKBONE_LR_MULT,
         "teacher_alpha": Float(0.99, 0.9, 0.999, help="EMA decay of the teacher weights"),
         "unsup_weight": Float(3.0, 0.1, 30.0, log=True, help="weight of the unsupervised (consistency + balance) loss"),
         "confidence": Float(0.96837722, 0.5, 0.999, help="teacher confidence threshold of the consistency mask"),
@@ -305,7 +309,11 @@ class SelfEnsembling(Method):
         teacher = copy.deepcopy(student).train()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        opt = torch.optim.Adam(student.parameters(), lr=self.lr)
+        # Adam as the reference; a pretrained backbone at backbone_lr_mult times the rate
+        groups = backbone_param_groups(student.encoder, student.classifier, self.backbone_lr_mult)
+        for g in groups:
+            g["lr"] = self.lr * g["lr_mult"]
+        opt = torch.optim.Adam(groups, lr=self.lr)
         bs = task.budget.batch_size
         src = TensorBatches(task.source_train.X, task.source_train.y, batch_size=bs,
                             device=device, seed=stream_seed(task.seed, 1))
