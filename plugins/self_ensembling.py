@@ -43,7 +43,7 @@ Britefury/self-ensemble-visual-domain-adapt, ``experiment_domainadapt_meanteache
   published, so the row's gain over source-only then includes them (read
   it with that in mind, or give the pair a ``-bn`` backbone so that every
   method shares it).  A backbone with no batch norm and no known variant
-  (e.g. ``lenet``, or a third party's) is skipped with that reason.
+  (a third party's) is skipped with that reason.
 - Every sample is augmented; each target sample is augmented twice,
   independently, once for the student and once for the teacher.  Loss
   (the reference's ``compute_aug_loss``):
