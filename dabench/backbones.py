@@ -19,8 +19,6 @@ Registered names (``backbone = "..."`` in a suite):
 - ``"dann-mnist"``: :func:`dann_mnist_backbone`: the 5x5-conv CNN for any
   image size of at least 20x20.
 - ``"small-cnn"``: :func:`small_cnn_backbone`.
-- ``"lenet"``: :func:`lenet_backbone`: TLlib's digit LeNet with its
-  256-unit batch-normalised bottleneck (MNIST <-> USPS recipes).
 - ``"default-bn"``, ``"mlp-bn"``, ``"dann-mnist-bn"``, ``"small-cnn-bn"``: the
   same networks with batch normalisation after every convolution and hidden
   linear layer (before the non-linearity), as in the digit networks of the
@@ -48,7 +46,6 @@ __all__ = [
     "default_backbone",
     "default_bn_backbone",
     "has_batch_norm",
-    "lenet_backbone",
     "dann_mnist_backbone",
     "is_pretrained",
     "mark_pretrained",
@@ -176,34 +173,6 @@ def small_cnn_backbone(shape: tuple[int, ...], out_dim: int = FEATURE_DIM, norm:
     return _channels_last(nn.Sequential(*mods)), out_dim
 
 
-def lenet_backbone(shape: tuple[int, ...], bottleneck: int = 256) -> tuple[nn.Module, int]:
-    """LeNet with a batch-normalised bottleneck, as in the digit experiments
-    of the Transfer-Learning-Library (TLlib, thuml; ``lenet`` and the
-    ``ImageClassifier`` bottleneck of its DANN/CDAN digit scripts):
-
-    conv5x5-20, maxpool 2, ReLU, conv5x5-50, dropout2d 0.5, maxpool 2, ReLU,
-    flatten, ``Linear(., 500)``, ReLU, dropout 0.5, then the bottleneck
-    ``Linear(500, bottleneck)`` + ``BatchNorm1d`` + ReLU (256 in TLlib); the
-    output is the bottleneck.  Pixels are rescaled from [0, 1] to [-1, 1]
-    (TLlib's ``Normalize(0.5, 0.5)``).  For images of at least 20x20 (TLlib
-    resizes digits to 28x28).  Dropout is active in train mode only.
-    """
-    shape = _check_shape(shape)
-    if len(shape) != 3 or shape[1] < 20 or shape[2] < 20:
-        raise ValueError(f"lenet backbone needs (C, H, W) images of at least 20x20, got {shape}")
-    c, h, w = shape
-    h2, w2 = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
-    net = nn.Sequential(
-        _Unflatten(shape),
-        nn.Conv2d(c, 20, 5), nn.MaxPool2d(2), nn.ReLU(),
-        nn.Conv2d(20, 50, 5), nn.Dropout2d(0.5), nn.MaxPool2d(2), nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(50 * h2 * w2, 500), nn.ReLU(), nn.Dropout(0.5),
-        nn.Linear(500, bottleneck), nn.BatchNorm1d(bottleneck), nn.ReLU(),
-    )
-    return _channels_last(net), bottleneck
-
-
 def default_bn_backbone(shape: tuple[int, ...]) -> tuple[nn.Module, int]:
     """:func:`default_backbone` with batch normalisation (``"default-bn"``)."""
     shape = _check_shape(shape)
@@ -245,4 +214,3 @@ def dabench_backbones(register) -> None:  # type: ignore[no-untyped-def]
     register("mlp-bn", functools.partial(mlp_backbone, norm=True))
     register("dann-mnist-bn", functools.partial(dann_mnist_backbone, norm=True))
     register("small-cnn-bn", functools.partial(small_cnn_backbone, norm=True))
-    register("lenet", lenet_backbone)
