@@ -54,6 +54,9 @@ def mirror(tmp_path, monkeypatch):
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     monkeypatch.setenv("DABENCH_MIRROR", f"http://127.0.0.1:{srv.server_port}")
+    # a plain-http mirror: files without a published hash need the explicit opt-in
+    # (test_http_mirror_is_refused_for_unhashed_files checks the refusal)
+    monkeypatch.setenv("DABENCH_ALLOW_HTTP", "1")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.delenv("DABENCH_DATA", raising=False)
     yield folder
