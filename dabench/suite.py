@@ -6,6 +6,8 @@ missing field or a wrong type is an error naming the file and the key)::
     name = "quick"                      # required
     description = "..."                 # optional
     seeds = 3                           # N (seeds 0..N-1) or a list of ints
+    time_limit_s = 14400                # per-run wall-time limit (default 4 h; --time-limit)
+    cleared = ["dann:moons:moons-rot35"]  # suspicion flags a person checked (METHOD or METHOD:PAIR)
     validator = "source-val"            # hyperparameter selection without target labels
     backbone = "default"                # a registered backbone
     pairs = [                           # "source:target", or a table with overrides
@@ -33,11 +35,18 @@ missing field or a wrong type is an error naming the file and the key)::
 
 A run is one (pair, method, hyperparameter point, seed); its key hashes
 everything that changes the result (see :func:`RunSpec.key`).
+
+Sizes are bounded so a typo cannot hang the parser or the store: at most
+:data:`MAX_SEEDS` seeds, :data:`MAX_POINTS` hyperparameter points per method
+and :data:`MAX_RUNS` runs per suite; seeds lie in ``[0, 2**32 - 1]``;
+every other integer has a range named in its error.  Expansion is linear in
+the number of points.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import tomllib
 import zlib
 from dataclasses import dataclass, field, replace
@@ -49,6 +58,23 @@ import numpy as np
 from .contract import CONTRACT_VERSION, Budget, ContractError
 from .data.core import Protocol
 from .store import canonical_json, run_key
+
+#: The per-run wall-time limit when a suite sets none (seconds): generous, so
+#: that only a run that hangs hits it; ``time_limit_s`` or ``--time-limit``
+#: changes it.
+DEFAULT_TIME_LIMIT_S = 4 * 3600
+MAX_SEEDS = 1000
+MAX_SEED = 2**32 - 1
+MAX_POINTS = 10_000
+MAX_RUNS = 200_000
+#: inclusive ranges of the integer settings (beyond them: an error naming the key)
+_INT_RANGES = {
+    "k_target": (0, 100_000),
+    "max_source": (10, 10**9),
+    "max_target": (10, 10**9),
+    "steps": (1, 10**9),
+    "batch_size": (1, 10**6),
+}
 
 
 class SuiteError(ValueError):
@@ -115,6 +141,11 @@ class Suite:
     pairs: list[PairEntry]
     methods: list[MethodEntry]
     raw: dict = field(repr=False, default_factory=dict)
+    #: per-run wall-time limit in seconds (a run over it is stored as failed)
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S
+    #: suspicion flags a person has checked and cleared: ``METHOD`` (every
+    #: pair) or ``METHOD:SOURCE:TARGET`` (see the leaderboard's suspicion check)
+    cleared: tuple[str, ...] = ()
 
     def expand(self, registry: Any) -> list[RunSpec]:
         """Every run of the suite, in a stable order (pair, seed, method, point)."""
@@ -145,15 +176,16 @@ class Suite:
                 raise SuiteError(self.path, "--pairs", f"{bad} not in this suite; it has {sorted(known)}")
             s.pairs = [p for p in self.pairs if p.name in pairs]
         if seeds is not None:
-            if seeds < 1:
-                raise SuiteError(self.path, "--seeds", "expected a positive integer")
+            if not 1 <= seeds <= MAX_SEEDS:
+                raise SuiteError(self.path, "--seeds", f"expected an integer in [1, {MAX_SEEDS}]")
             s.seeds = list(range(seeds))
         return s
 
 
 # ----------------------------------------------------------------- parsing
 
-_TOP = {"name", "description", "seeds", "validator", "backbone", "pairs", "protocol", "budget", "methods"}
+_TOP = {"name", "description", "seeds", "validator", "backbone", "pairs", "protocol", "budget", "methods",
+        "time_limit_s", "cleared"}
 _PROTOCOL = {"k_target", "feature_space", "max_source", "max_target", "training"}
 TRAINING_PROTOCOLS = ("end-to-end", "head")
 _BUDGET = {"steps", "batch_size"}
@@ -180,15 +212,28 @@ def _check_keys(path: Path, where: str, table: dict, allowed: set[str]) -> None:
         raise SuiteError(path, prefix + unknown[0], f"unknown key; allowed keys here: {sorted(allowed)}")
 
 
+def _int_in_range(path: Path, key: str, value: Any, kind: str) -> int:
+    lo, hi = _INT_RANGES[kind]
+    what = {0: f"a non-negative integer (at most {hi})", 1: f"a positive integer (at most {hi})"}.get(
+        lo, f"an integer in [{lo}, {hi}]")
+    _expect(path, key, value, int, what)
+    if not lo <= value <= hi:
+        raise SuiteError(path, key, f"expected {what}, got {value}")
+    return value
+
+
+def _check_name(path: Path, key: str, text: str) -> None:
+    bad = [c for c in text if ord(c) < 32 or ord(c) == 127]
+    if bad:
+        raise SuiteError(path, key, f"contains the control character {bad[0]!r}; use printable characters only")
+
+
 def _protocol(path: Path, where: str, table: Any, base: Protocol) -> Protocol:
     _expect(path, where, table, dict, "a table")
     _check_keys(path, where, table, _PROTOCOL)
     kw = base.__dict__.copy()
     if "k_target" in table:
-        k = _expect(path, f"{where}.k_target", table["k_target"], int, "a non-negative integer")
-        if k < 0:
-            raise SuiteError(path, f"{where}.k_target", "expected a non-negative integer")
-        kw["k_target"] = k
+        kw["k_target"] = _int_in_range(path, f"{where}.k_target", table["k_target"], "k_target")
     if "feature_space" in table:
         fs = _expect(path, f"{where}.feature_space", table["feature_space"], str, '"shared" or "native"')
         if fs not in ("shared", "native"):
@@ -201,10 +246,7 @@ def _protocol(path: Path, where: str, table: Any, base: Protocol) -> Protocol:
         kw["training"] = tr
     for cap in ("max_source", "max_target"):
         if cap in table:
-            v = _expect(path, f"{where}.{cap}", table[cap], int, "a positive integer")
-            if v < 10:
-                raise SuiteError(path, f"{where}.{cap}", "expected an integer >= 10")
-            kw[cap] = v
+            kw[cap] = _int_in_range(path, f"{where}.{cap}", table[cap], cap)
     return Protocol(**kw)
 
 
@@ -214,10 +256,7 @@ def _budget(path: Path, where: str, table: Any, base: Budget) -> Budget:
     kw = {"steps": base.steps, "batch_size": base.batch_size}
     for k in _BUDGET:
         if k in table:
-            v = _expect(path, f"{where}.{k}", table[k], int, "a positive integer")
-            if v < 1:
-                raise SuiteError(path, f"{where}.{k}", "expected a positive integer")
-            kw[k] = v
+            kw[k] = _int_in_range(path, f"{where}.{k}", table[k], k)
     return Budget(**kw)
 
 
@@ -242,6 +281,10 @@ def _points(path: Path, name: str, table: dict, cls: Any) -> tuple[dict[str, Any
         rseed = _expect(path, f"{where}.random.seed", rnd.get("seed", 0), int, "an integer")
         if n < 1:
             raise SuiteError(path, f"{where}.random.n", "expected a positive integer")
+        if n > MAX_POINTS:
+            raise SuiteError(path, f"{where}.random.n", f"{n} points is more than the {MAX_POINTS} a method may have")
+        if not 0 <= rseed <= MAX_SEED:
+            raise SuiteError(path, f"{where}.random.seed", f"expected an integer in [0, {MAX_SEED}], got {rseed}")
         if grid:
             raise SuiteError(path, f"{where}.random", "use either grid or random, not both")
         raw_points = []
@@ -256,6 +299,10 @@ def _points(path: Path, name: str, table: dict, cls: Any) -> tuple[dict[str, Any
             raw_points.append(pt)
     else:
         keys = sorted(grid)
+        size = math.prod(len(grid[k]) for k in keys)
+        if size > MAX_POINTS:
+            raise SuiteError(path, f"{where}.grid", f"the grid has {size} points, more than the {MAX_POINTS} a method "
+                                                    f"may have; use random = {{ n = N }} or a smaller grid")
         raw_points = [dict(fixed, **dict(zip(keys, combo))) for combo in itertools.product(*(grid[k] for k in keys))]
     points = []
     for pt in raw_points:
@@ -263,9 +310,11 @@ def _points(path: Path, name: str, table: dict, cls: Any) -> tuple[dict[str, Any
             points.append(cls(**pt).get_params())
         except ContractError as e:
             raise SuiteError(path, where, str(e)) from None
-    unique = []
+    unique, seen = [], set()
     for p in points:
-        if canonical_json(p) not in {canonical_json(u) for u in unique}:
+        text = canonical_json(p)
+        if text not in seen:  # a set: linear in the number of points
+            seen.add(text)
             unique.append(p)
     return tuple(unique)
 
@@ -285,20 +334,39 @@ def parse_suite(path: str | Path, registry: Any) -> Suite:
     if "name" not in raw:
         raise SuiteError(path, "name", "missing; expected a string naming the suite (used for the results folder)")
     name = _expect(path, "name", raw["name"], str, "a string")
-    if not name or "/" in name or name.startswith("."):
-        raise SuiteError(path, "name", "expected a non-empty name without '/'")
+    _check_name(path, "name", name)
+    if not name or "/" in name or "\\" in name or name.startswith(".") or len(name) > 200:
+        raise SuiteError(path, "name", "expected a non-empty name of at most 200 characters, without '/' or '\\', "
+                                       "not starting with '.'")
     description = _expect(path, "description", raw.get("description", ""), str, "a string")
 
     seeds_raw = raw.get("seeds", 3)
     if isinstance(seeds_raw, list):
         if not seeds_raw or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds_raw):
             raise SuiteError(path, "seeds", "expected a positive integer N or a non-empty list of non-negative integers")
+        big = [s for s in seeds_raw if s > MAX_SEED]
+        if big:
+            raise SuiteError(path, "seeds", f"seed {big[0]} is out of range: seeds must lie in [0, {MAX_SEED}]")
         seeds = sorted(set(seeds_raw))
+        if len(seeds) > MAX_SEEDS:
+            raise SuiteError(path, "seeds", f"{len(seeds)} seeds is more than the {MAX_SEEDS} a suite may have")
     else:
         n = _expect(path, "seeds", seeds_raw, int, "a positive integer N or a list of integers")
         if n < 1:
             raise SuiteError(path, "seeds", "expected a positive integer")
+        if n > MAX_SEEDS:
+            raise SuiteError(path, "seeds", f"{n} seeds is more than the {MAX_SEEDS} a suite may have")
         seeds = list(range(n))
+
+    time_limit = raw.get("time_limit_s", DEFAULT_TIME_LIMIT_S)
+    _expect(path, "time_limit_s", time_limit, (int, float), "a number of seconds")
+    if not (isinstance(time_limit, (int, float)) and math.isfinite(time_limit) and 1 <= time_limit <= 30 * 86400):
+        raise SuiteError(path, "time_limit_s", f"expected seconds in [1, {30 * 86400}] (30 days), got {time_limit!r}")
+    cleared_raw = _expect(path, "cleared", raw.get("cleared", []), list, 'a list like ["method", "method:source:target"]')
+    for i, c in enumerate(cleared_raw):
+        _expect(path, f"cleared[{i}]", c, str, 'a string "METHOD" or "METHOD:SOURCE:TARGET"')
+        if c.count(":") not in (0, 2) or not c.split(":")[0]:
+            raise SuiteError(path, f"cleared[{i}]", f'expected "METHOD" or "METHOD:SOURCE:TARGET", got {c!r}')
 
     validator = _expect(path, "validator", raw.get("validator", "source-val"), str, "a string")
     if validator not in registry.validators:
@@ -367,4 +435,9 @@ def parse_suite(path: str | Path, registry: Any) -> Suite:
         _expect(path, f"methods.{mname}", table, dict, "a table")
         methods.append(MethodEntry(mname, _points(path, mname, table, registry.methods[mname])))
 
-    return Suite(path, name, description, seeds, validator, backbone, pairs, methods, raw)
+    n_runs = len(pairs) * len(seeds) * sum(len(m.points) for m in methods)
+    if n_runs > MAX_RUNS:
+        raise SuiteError(path, "", f"the suite expands into {n_runs} runs, more than the {MAX_RUNS} one suite may "
+                                   f"have; split it into several suites")
+    return Suite(path, name, description, seeds, validator, backbone, pairs, methods, raw,
+                 time_limit_s=float(time_limit), cleared=tuple(cleared_raw))
