@@ -2,9 +2,11 @@
 
     dabench list methods|datasets|suites|validators|plugins [--json]
     dabench run SUITE [--results DIR] [--methods a,b] [--pairs x,y] [--seeds N]
-                      [--device auto|cpu|cuda[:i]] [--retry-failed]
+                      [--device auto|cpu|cuda[:i]] [--retry-failed] [--time-limit S]
                       [--jobs N] [--threads N] [--executor local|ray [--address ADDR]]
+                      [--clear METHOD[:SOURCE:TARGET]]...
     dabench leaderboard DIR [--format md|csv|json|html] [--out FILE] [--validator NAME]
+                            [--clear METHOD[:SOURCE:TARGET]]...
     dabench plugin check NAME|PATH      (the conformance kit, dabench.testing)
     dabench plugin new NAME [--dir DIR] (a ready plugin package)
     dabench data list|download NAME|verify NAME [--data-root DIR]   (see dabench.cli_data)
@@ -12,6 +14,13 @@
 Every command takes ``--plugins-dir DIR`` (load each ``*.py`` there as a
 plugin).  Exit codes: 0 success, 1 runtime failure, 2 bad input (suite,
 arguments, missing data), 130 interrupted.
+
+``dabench run`` exits 0 when every run is stored, also when methods failed
+(their runs are stored as ``failed`` with the reason and listed in the
+leaderboard: a method's failure is a result); it exits 1 when the host
+failed: a run failed for a reason of the host (not of its method), a pair's
+data is missing, a worker process could not start, or the store could not
+be written (a full disk says so).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from typing import Any, Sequence
 from . import __version__
 
 EXIT_BAD_INPUT = 2
+EXIT_HOST_FAILURE = 1
 
 
 class Console:
@@ -167,6 +177,18 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _positive_seconds(text: str) -> float:
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return v
+
+
 def _result_line(r: Any, with_device: bool = False) -> str:
     """``ok: target acc 0.912, source acc 0.990 (1.2 s)`` or ``failed: reason``.
     A metric may be missing (a target-only model on a heterogeneous pair has
@@ -196,6 +218,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     except SuiteError as e:
         console.error(str(e))
         return EXIT_BAD_INPUT
+    if args.time_limit is not None:
+        suite.time_limit_s = float(args.time_limit)
+    cleared = sorted(set(full.cleared) | set(args.clear or ()))
     try:
         device = str(resolve_device(args.device))
     except (ValueError, RuntimeError) as e:
@@ -213,6 +238,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     except (StoreError, OSError) as e:
         console.error(str(e))
         return EXIT_BAD_INPUT
+    time_limit = f"; per-run time limit {suite.time_limit_s:g} s"
 
     serial = executor.name == "serial"
 
@@ -224,14 +250,18 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             console.info(f"dabench {__version__}: suite {suite.name!r} ({suite.path}) on {device}: "
                          f"{ev['total']} runs, {ev['done']} already in {store.path}, {ev['todo']} to do")
             if not serial and ev["todo"]:
-                console.info(f"executor: {executor.describe()}")
+                console.info(f"executor: {executor.describe()}{time_limit}")
+        elif kind == "run_retry":
+            console.warn(f"{label(ev['spec'])}: {ev['reason']}; retrying it once on a fresh worker")
+        elif kind == "waiting":
+            console.info(f"waiting for {ev['n']} run(s) another dabench run on this store is computing "
+                         f"({', '.join(ev['owners']) or 'owner unknown'}); they are stored by it, or computed here "
+                         f"if it stops")
         elif not serial:  # runs finish out of order: one line per finished run
-            if kind in ("run_end", "run_lost", "run_no_data"):
+            if kind in ("run_end", "run_no_data"):
                 done, todo, el = ev["index"] + 1, ev["todo"], ev["elapsed"]
                 eta = _fmt_time(el / done * (todo - done))
-                if kind == "run_lost":
-                    what = f"LOST: {ev['reason']} (not stored; rerun to compute it)"
-                elif kind == "run_no_data":
+                if kind == "run_no_data":
                     what = _no_data_line(ev)
                 else:
                     what = _result_line(ev["result"], with_device=True)
@@ -248,14 +278,23 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         elif kind == "run_no_data":
             console.info(f"      {_no_data_line(ev)}")
 
-    store.set_meta("validator", suite.validator)
+    try:
+        store.set_meta("validator", suite.validator)
+        store.set_meta("cleared", json.dumps(cleared))
+    except StoreError as e:
+        console.error(str(e))
+        return EXIT_HOST_FAILURE
     runner = Runner(reg, store, device=device, data_root=args.data_root, on_event=on_event,
-                    plugins_dir=args.plugins_dir)
+                    plugins_dir=args.plugins_dir, time_limit_s=suite.time_limit_s)
     try:
         summary = runner.run(suite, retry_failed=args.retry_failed, executor=executor)
-    except ExecutorError as e:
-        console.error(f"{e}; {store.count()} runs are safely stored in {store.path}")
-        return 1
+    except (ExecutorError, StoreError) as e:
+        try:
+            n = store.count()
+            console.error(f"{e}; {n} runs are safely stored in {store.path}")
+        except StoreError:
+            console.error(str(e))
+        return EXIT_HOST_FAILURE
     except KeyboardInterrupt:
         console.error(f"interrupted; {store.count()} runs are safely stored in {store.path}; "
                       f"rerun the same command to resume")
@@ -267,28 +306,37 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         # the leaderboard of the whole suite as it is now (also the runs that
         # --methods/--pairs/--seeds left out of this invocation, never stale points)
         paths = write_reports(results, results, validator=suite.validator, suite=suite.name,
-                              formats=("md", "csv", "html"), keys={s.key for s in full.expand(reg)})
+                              formats=("md", "csv", "html"), keys={s.key for s in full.expand(reg)},
+                              cleared=cleared)
     except LeaderboardError as e:
         if not (summary.no_data and not stored):  # with no data and no runs there is nothing to report
             console.error(f"the runs are stored, but the leaderboard could not be written: {e}")
             return EXIT_BAD_INPUT
+    except (StoreError, OSError) as e:
+        console.error(f"the runs are stored, but the leaderboard could not be written: {e}")
+        return EXIT_HOST_FAILURE
     console.info(f"done in {_fmt_time(summary.wall_time_s)}: {summary.ran} runs ({summary.ok} ok, "
-                 f"{summary.failed} failed, {summary.skipped} skipped), {summary.already_done} already stored")
+                 f"{summary.failed} failed, {summary.skipped} skipped), {summary.already_done} already stored"
+                 + (f", {summary.by_others} stored by another dabench run" if summary.by_others else ""))
     for p in paths.values():
         console.info(f"wrote {p}")
-    if summary.lost:
-        console.warn(f"{summary.lost} runs were lost with their worker and are not stored; "
-                     f"rerun the same command to compute them")
+    if summary.retried:
+        console.warn(f"{summary.retried} run(s) crashed their worker and were retried once")
     if summary.failed:
         console.warn(f"{summary.failed} runs failed; their reasons are in the leaderboard; "
                      f"`--retry-failed` reruns them")
+    code = 0
+    if summary.host_errors:
+        console.error(f"{summary.host_errors} run(s) failed for a reason of the host, not of their method "
+                      f"(see their reasons, which start with 'host:'); exit code {EXIT_HOST_FAILURE}")
+        code = EXIT_HOST_FAILURE
     if summary.no_data:
         console.error(f"{summary.no_data} runs did not run because their data is missing or fails its checks "
                       f"(nothing was stored for them; rerun the same command once the data is there):")
         for reason, pairs in summary.missing_data.items():
             console.error(f"  pair(s) {', '.join(pairs)}: {reason}")
-        return 1
-    return 0
+        code = EXIT_HOST_FAILURE
+    return code
 
 
 def _no_data_line(ev: dict) -> str:
@@ -307,14 +355,20 @@ def cmd_leaderboard(args: argparse.Namespace, console: Console) -> int:
     from .store import RunStore, StoreError
 
     try:
-        with RunStore(args.dir, create=False) as st:
+        with RunStore.open_readonly(args.dir) as st:
             validator = args.validator or st.get_meta("validator") or "source-val"
+            stored_cleared = st.get_meta("cleared")
     except StoreError as e:
         console.error(str(e))
         return EXIT_BAD_INPUT
     try:
-        board = build_leaderboard(args.dir, validator=validator, suite=args.suite)
-    except LeaderboardError as e:
+        cleared = set(json.loads(stored_cleared)) if stored_cleared else set()
+    except ValueError:
+        cleared = set()
+    cleared |= set(args.clear or ())
+    try:
+        board = build_leaderboard(args.dir, validator=validator, suite=args.suite, cleared=sorted(cleared))
+    except (LeaderboardError, StoreError) as e:
         console.error(str(e))
         return EXIT_BAD_INPUT
     try:
@@ -323,7 +377,11 @@ def cmd_leaderboard(args: argparse.Namespace, console: Console) -> int:
         console.error(str(e))
         return EXIT_BAD_INPUT
     if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
+        try:
+            Path(args.out).write_text(text, encoding="utf-8")
+        except OSError as e:
+            console.error(f"cannot write {args.out}: {e}")
+            return EXIT_HOST_FAILURE
         console.info(f"wrote {args.out}")
     else:
         console.out(text.rstrip("\n"))
@@ -356,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:i (default: auto)")
     run.add_argument("--data-root", metavar="DIR", help="where downloadable datasets live")
     run.add_argument("--retry-failed", action="store_true", help="rerun runs stored as failed")
+    run.add_argument("--time-limit", type=_positive_seconds, metavar="S",
+                     help="per-run wall-time limit in seconds; a run over it is stored as failed "
+                          "(default: the suite's time_limit_s, else 14400 = 4 h)")
+    run.add_argument("--clear", action="append", metavar="METHOD[:SOURCE:TARGET]",
+                     help="clear a suspicion flag after checking the method (repeatable; adds to the suite's "
+                          "`cleared` list): its cells are ranked again")
     run.add_argument("--jobs", type=_positive_int, metavar="N",
                      help="runs computed in parallel: N worker processes (local), at most N runs in flight (ray); "
                           "default 1 on CPU, one worker per visible GPU with --device cuda")
@@ -375,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--out", metavar="FILE", help="write to FILE instead of stdout")
     lb.add_argument("--validator", help="validator for hyperparameter selection (default: the suite's)")
     lb.add_argument("--suite", help="which suite, when the store holds several")
+    lb.add_argument("--clear", action="append", metavar="METHOD[:SOURCE:TARGET]",
+                    help="clear a suspicion flag after checking the method (repeatable; adds to the list "
+                         "`dabench run` recorded): its cells are ranked again")
     lb.set_defaults(func=cmd_leaderboard)
 
     from .cli_plugin import add_parser as add_plugin_parser

@@ -1,6 +1,7 @@
 """Executors: a process pool and Ray compute the same runs as the serial
-loop, only the driver writes the store, workers are pinned to devices, a
-dead worker loses only its run, and a killed driver resumes exactly."""
+worker, only the driver writes the store, workers are pinned to devices, a
+run that kills its worker is retried once then stored as failed, and a
+killed driver resumes exactly."""
 
 from __future__ import annotations
 
@@ -130,16 +131,16 @@ params = {{ die_on_seed = {die} }}
 """
 
 
-def test_pool_pins_workers_to_devices_and_a_dead_worker_loses_only_its_run(tmp_path):
+def test_pool_pins_workers_to_devices_and_a_run_that_kills_its_worker_is_retried_then_stored(tmp_path):
     log = tmp_path / "where.jsonl"
     pdir = write(tmp_path / "p" / "where.py", WHERE.format(log=str(log))).parent
     pool = PoolExecutor(["fake:0", "fake:1"])  # device strings are passed through to each run
     summary, rows = _sweep(tmp_path, "res", WHERE_SUITE.format(die=2), pool, plugins_dir=pdir)
-    # the worker running seed 2 died: that run is lost (not stored), the pool
-    # replaced the worker and finished the others
-    assert summary.lost == 1 and summary.ok == 5
+    # the worker running seed 2 died: the pool replaced it and retried the run
+    # once (it died again), stored it as failed and finished the others
+    assert summary.failed == 1 and summary.ok == 5 and summary.retried == 1
     logged = [json.loads(x) for x in log.read_text().splitlines()]
-    assert sorted(x["seed"] for x in logged) == [0, 1, 2, 3, 4, 5]
+    assert sorted(x["seed"] for x in logged) == [0, 1, 2, 2, 3, 4, 5]
     pids = {x["pid"] for x in logged}
     assert os.getpid() not in pids and len(pids) >= 2  # runs happen in the workers, not the driver
     for pid in pids:  # a worker keeps its device for its whole life
@@ -151,8 +152,10 @@ def test_pool_pins_workers_to_devices_and_a_dead_worker_loses_only_its_run(tmp_p
     by_seed = {x["seed"]: x["device"] for x in logged if x["seed"] != 2}
     with RunStore(tmp_path / "res") as st:
         # only the driver wrote: every finished run once, with the device it ran on
-        assert {r["seed"]: r["device"] for r in st.rows()} == by_seed
-        assert st.count() == 5
+        stored = {r["seed"]: r for r in st.rows()}
+        assert {s: r["device"] for s, r in stored.items() if r["status"] == "ok"} == by_seed
+        assert st.count() == 6
+        assert stored[2]["status"] == "failed" and "killed by signal 9" in stored[2]["reason"]
 
 
 def test_pool_stores_the_same_keys_and_metrics_as_serial(tmp_path):
@@ -296,18 +299,20 @@ def local_ray():
 def test_ray_stores_the_same_keys_and_metrics_as_the_local_executor(tmp_path, local_ray):
     _, serial = _sweep(tmp_path, "serial", TINY_SUITE, SerialExecutor(threads=1))  # 1 CPU per Ray task
     summary, on_ray = _sweep(tmp_path, "ray", TINY_SUITE, RayExecutor(device="cpu"))
-    assert summary.ok == 4 and summary.lost == 0
+    assert summary.ok == 4 and summary.failed == 0
     assert on_ray == serial
 
 
 @pytest.mark.skipif(not HAVE_RAY, reason='Ray is not installed (pip install "dabench[ray]")')
-def test_ray_reports_a_dead_worker_as_a_lost_run(tmp_path, local_ray):
+def test_ray_stores_a_run_whose_worker_died_as_failed(tmp_path, local_ray):
     log = tmp_path / "where.jsonl"
     pdir = write(tmp_path / "p" / "where.py", WHERE.format(log=str(log))).parent
     text = WHERE_SUITE.format(die=1).replace("seeds = 6", "seeds = 3")
     summary, rows = _sweep(tmp_path, "res", text, RayExecutor(device="cpu", max_retries=0), plugins_dir=pdir)
-    assert summary.lost == 1 and summary.ok == 2
+    assert summary.failed == 1 and summary.ok == 2
     with RunStore(tmp_path / "res") as st:
-        assert sorted(r["seed"] for r in st.rows()) == [0, 2]
+        stored = {r["seed"]: r for r in st.rows()}
+        assert sorted(stored) == [0, 1, 2] and stored[1]["status"] == "failed"
+        assert "Ray task failed" in stored[1]["reason"]
     pids = {json.loads(x)["pid"] for x in log.read_text().splitlines()}
     assert os.getpid() not in pids
