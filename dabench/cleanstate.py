@@ -90,20 +90,13 @@ class ProcessState:
     recursion_limit: int = 1000
 
     def restore(self) -> None:
-        """Put every captured setting back (cheap: a few attribute writes)."""
+        """Put every captured setting back (cheap: a few attribute writes).
+
+        The libraries first: restoring torch's settings may import modules
+        lazily (sympy, through torch), which add warning filters of their own;
+        the interpreter's settings last, so they are exactly as captured."""
         import numpy as np
 
-        if dict(os.environ) != self.environ:
-            os.environ.clear()
-            os.environ.update(self.environ)
-        try:
-            if os.getcwd() != self.cwd:
-                os.chdir(self.cwd)
-        except OSError:  # the run deleted the folder it moved to
-            os.chdir(self.cwd)
-        warnings.filters[:] = self.warning_filters
-        warnings._filters_mutated()  # type: ignore[attr-defined]  # invalidate the per-module caches
-        sys.setrecursionlimit(self.recursion_limit)
         np.seterr(**self.numpy_err)
         np.set_printoptions(**self.numpy_print)
         _restore_torch(self.torch)
@@ -121,6 +114,17 @@ class ProcessState:
 
             if any(i["num_threads"] != self.blas_threads for i in threadpool_info()):
                 threadpool_limits(limits=self.blas_threads)
+        if dict(os.environ) != self.environ:
+            os.environ.clear()
+            os.environ.update(self.environ)
+        try:
+            if os.getcwd() != self.cwd:
+                os.chdir(self.cwd)
+        except OSError:  # the run deleted the folder it moved to
+            os.chdir(self.cwd)
+        sys.setrecursionlimit(self.recursion_limit)
+        warnings.filters[:] = self.warning_filters
+        warnings._filters_mutated()  # type: ignore[attr-defined]  # invalidate the per-module caches
 
 
 def _sklearn_defaults() -> dict[str, Any]:

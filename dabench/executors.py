@@ -477,7 +477,7 @@ class _ProcessExecutor:
                         w.started = time.monotonic()
                         w.deadline = w.started + limit if limit else None
                         on_dispatch(spec, w.device)
-                watch = [w for w in workers if w.prepared is not None or not w.ready]
+                watch = [w for w in workers if w.prepared is not None or not w.ready or not w.proc.is_alive()]
                 if not watch:
                     if pending:
                         continue

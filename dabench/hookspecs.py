@@ -106,6 +106,7 @@ def dabench_run_finished(record: dict[str, Any]) -> None:
         ``method``, ``method_version``, ``params`` (JSON text), ``seed``,
         ``status`` (``"ok"``, ``"failed"``, ``"skipped"``), ``reason``,
         ``target_acc``, ``target_f1``, ``source_acc``, ``wall_time_s``,
-        ``peak_mem_mb`` and one ``val_<validator>`` entry per validator.
+        ``rss_peak_mb`` (resident memory the run added, CPU), ``gpu_peak_mb``
+        (CUDA allocator peak, or None) and one ``val_<validator>`` entry per validator.
     :return: nothing.
     """

@@ -474,7 +474,7 @@ class Runner:
 
         def retried(spec: RunSpec, reason: str) -> None:
             summary.retried += 1
-            log.warning("run %s crashed its worker (%s); retrying it once on a fresh worker", spec.key[:12], reason)
+            log.info("run %s crashed its worker (%s); retrying it once on a fresh worker", spec.key[:12], reason)
             self.on_event("run_retry", spec=spec, reason=reason, elapsed=time.perf_counter() - t_start)
 
         self.on_retry = retried
