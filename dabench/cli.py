@@ -207,13 +207,13 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from .executors import ExecutorError, make_executor
     from .leaderboard import LeaderboardError, write_reports
     from .runner import Runner
-    from .store import RunStore, StoreError
+    from .store import RunStore, StoreError, canonical_json
     from .suite import SuiteError, parse_suite
     from .training import resolve_device
 
     reg = _registry(args, console)
     try:
-        full = parse_suite(args.suite, reg)
+        full = parse_suite(args.suite, reg, data_root=args.data_root)
         suite = full.restrict(_split_list(args.methods), _split_list(args.pairs), args.seeds)
     except SuiteError as e:
         console.error(str(e))
@@ -280,6 +280,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
     try:
         store.set_meta("validator", suite.validator)
+        store.set_meta("published", canonical_json(full.published))
         store.set_meta("cleared", json.dumps(cleared))
     except StoreError as e:
         console.error(str(e))
@@ -318,6 +319,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     console.info(f"done in {_fmt_time(summary.wall_time_s)}: {summary.ran} runs ({summary.ok} ok, "
                  f"{summary.failed} failed, {summary.skipped} skipped), {summary.already_done} already stored"
                  + (f", {summary.by_others} stored by another dabench run" if summary.by_others else ""))
+    if summary.source_models_trained or summary.source_models_reused:
+        console.info(f"shared source models: {len(summary.source_models_trained)} trained, "
+                     f"{len(summary.source_models_reused)} reused from {results / 'source-models'}")
     for p in paths.values():
         console.info(f"wrote {p}")
     if summary.retried:
@@ -412,7 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pairs", metavar="X,Y", help="only these pairs of the suite (source:target)")
     run.add_argument("--seeds", type=int, metavar="N", help="use seeds 0..N-1 instead of the suite's")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:i (default: auto)")
-    run.add_argument("--data-root", metavar="DIR", help="where downloadable datasets live")
+    run.add_argument("--data-root", metavar="DIR",
+                     help="where downloadable datasets live, and where relative paths of a suite's "
+                          "[domains.NAME] files are looked up first (default: $DABENCH_DATA, else the "
+                          "per-user data folder)")
     run.add_argument("--retry-failed", action="store_true", help="rerun runs stored as failed")
     run.add_argument("--time-limit", type=_positive_seconds, metavar="S",
                      help="per-run wall-time limit in seconds; a run over it is stored as failed "

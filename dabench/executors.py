@@ -149,6 +149,7 @@ class WorkerConfig:
     threads: int | None = None  # torch intra-op threads; None: torch's default
     entrypoints: bool = True
     blocked: tuple[str, ...] = ()
+    source_model_dir: str | None = None  # the shared source-model cache of the driver's runner
 
     @classmethod
     def of(cls, runner: "Runner", threads: int | None = None) -> "WorkerConfig":
@@ -167,6 +168,7 @@ class WorkerConfig:
             threads=threads,
             entrypoints=bool(source.get("entrypoints", True)),
             blocked=tuple(sorted(source.get("blocked", ()))),
+            source_model_dir=None if runner.source_model_dir is None else str(runner.source_model_dir),
         )
 
 
@@ -236,7 +238,7 @@ def worker_runner(config: WorkerConfig) -> "Runner":
         for err in registry.errors:
             log.warning("%s", err)
         runner = Runner(registry, store=None, device="cpu", data_root=config.data_root,
-                        plugins_dir=config.plugins_dir)
+                        plugins_dir=config.plugins_dir, source_model_dir=config.source_model_dir)
         _WORKER_RUNNERS[config] = runner
     return runner
 

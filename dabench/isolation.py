@@ -109,6 +109,8 @@ class RunRequest:
     split_key: tuple
     #: target *train* labels, only for methods declaring ``oracle``
     oracle_labels: np.ndarray | None = field(default=None, repr=False)
+    #: the shared source-model cache (None: trained, not cached)
+    source_model_dir: str | None = None
 
 
 @dataclass
@@ -129,6 +131,10 @@ class WorkerOutcome:
     host_error: bool = False
     #: where it ran, when the worker knows better than the driver (a Ray GPU)
     device: str | None = None
+    #: the shared source model the run used (a dabench.source_model.SourceModelInfo)
+    source_model: Any = None
+    #: health signals the method recorded (dabench.diagnostics)
+    diagnostics: dict[str, float | None] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- memory
@@ -235,13 +241,37 @@ def compute(registry: Any, request: RunRequest, inputs: SplitInputs, *,
         return WorkerOutcome("failed", f"skip: {_reason(exc)}")
     if reason:
         return WorkerOutcome("skipped", str(reason))
+    sm_info = None
+    if "source_model" in cls.requires:
+        # trained (or loaded from the cache) here, in the process that runs fit, from the Task's source data
+        from .source_model import attach_source_model, cache_identity
+
+        t_sm = time.perf_counter()
+        try:
+            recipe = spec.source_recipe or spec.pair.source_recipe.resolved(spec.pair.budget.steps,
+                                                                            spec.pair.budget.batch_size)
+            ident = cache_identity(pair=spec.pair.name, protocol=spec.pair.protocol.as_dict(),
+                                   fingerprints=spec.pair.fingerprints(), seed=spec.seed,
+                                   backbone=spec.backbone, shape=task.source_shape, n_classes=task.n_classes,
+                                   recipe=recipe, device=request.device)
+            task, sm_info = attach_source_model(task, recipe=recipe, identity=ident,
+                                                cache_dir=request.source_model_dir)
+        except KeyboardInterrupt:
+            if not catch_interrupt:
+                raise
+            return WorkerOutcome("failed", "source model: KeyboardInterrupt", wall_time_s=time.perf_counter() - t_sm)
+        except BaseException as exc:  # noqa: BLE001 - fails this run only
+            return WorkerOutcome("failed", f"source model: {_reason(exc)}", wall_time_s=time.perf_counter() - t_sm)
+    from . import diagnostics
+
     meter = MemoryMeter(request.device)
     t0 = time.perf_counter()
     wall = 0.0
     try:
         seed_everything(spec.seed)
         method = cls(**spec.params)
-        predictor = method.fit(task)
+        with diagnostics.collect() as diag:
+            predictor = method.fit(task)
         wall = time.perf_counter() - t0
         target_pred, source_pred, scores = evaluate_unlabelled(predictor, inputs, task, registry.validators)
     except KeyboardInterrupt as exc:
@@ -249,7 +279,7 @@ def compute(registry: Any, request: RunRequest, inputs: SplitInputs, *,
             raise
         rss, gpu = meter.read()
         return WorkerOutcome("failed", _reason(exc), wall_time_s=time.perf_counter() - t0, rss_peak_mb=rss,
-                             gpu_peak_mb=gpu)
+                             gpu_peak_mb=gpu, source_model=sm_info)
     except BaseException as exc:  # noqa: BLE001 - SystemExit & co. fail this run only
         import logging
         import traceback
@@ -257,9 +287,16 @@ def compute(registry: Any, request: RunRequest, inputs: SplitInputs, *,
         logging.getLogger("dabench").debug("run %s failed:\n%s", spec.key, traceback.format_exc())
         rss, gpu = meter.read()
         return WorkerOutcome("failed", _reason(exc), wall_time_s=time.perf_counter() - t0, rss_peak_mb=rss,
-                             gpu_peak_mb=gpu)
+                             gpu_peak_mb=gpu, source_model=sm_info)
+    for name, value in diag.items():
+        scores.extras[f"diag_{name}"] = value
+    if sm_info is not None:
+        scores.extras["source_model"] = sm_info.key
+        if sm_info.source_val_acc is not None:
+            scores.extras["source_model_val_acc"] = sm_info.source_val_acc
     rss, gpu = meter.read()
-    return WorkerOutcome("ok", None, target_pred, source_pred, scores, wall, rss, gpu)
+    return WorkerOutcome("ok", None, target_pred, source_pred, scores, wall, rss, gpu, source_model=sm_info,
+                         diagnostics=dict(diag))
 
 
 def labelled_metrics(labels: SplitLabels, target_pred: np.ndarray,

@@ -47,6 +47,7 @@ Rules (see DESIGN.md, "Leaderboards and negative transfer"):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -154,6 +155,8 @@ class Leaderboard:
     warning_eval: Mapping[str, Any] = field(default_factory=dict)
     #: the suspicion check's settings: oracle, margin, near-perfect level, cleared flags
     suspicion: Mapping[str, Any] = field(default_factory=dict)
+    #: published numbers the suite cites (see :mod:`dabench.published`)
+    published: Sequence[Mapping[str, Any]] = ()
 
     def cell(self, method: str, pair: str) -> dict[str, Any]:
         """The cell of ``method`` on ``pair`` as a dict (KeyError when absent)."""
@@ -904,15 +907,19 @@ def build_leaderboard(
     store = RunStore.open_readonly(store_folder)
     try:
         rows = store.rows()
+        published = _json_obj(store.get_meta("published")) or []
     finally:
         store.close()
     if keys is not None:
         wanted = set(keys)
         rows = [r for r in rows if r["key"] in wanted]
-    return compute_leaderboard(
+    board = compute_leaderboard(
         rows, validator, reference_method=reference_method, oracle_method=oracle_method, suite=suite,
         cleared=cleared,
     )
+    if isinstance(published, list) and published:
+        board = dataclasses.replace(board, published=tuple(published))
+    return board
 
 
 # ---------------------------------------------------------------- renderers
@@ -1246,6 +1253,9 @@ def to_markdown(board: Leaderboard) -> str:
     out += _md_warning(board)
     out += _md_selection(board)
 
+    from .published import to_markdown as published_md
+
+    out += published_md(board)
     out += ["", "## Cost per run", "",
             "Mean over ok runs of every hyperparameter point. Peak RSS: the resident memory a run added above its "
             "worker process's at the run's start (CPU); GPU peak: the peak of torch's CUDA allocator during the run.",
@@ -1305,7 +1315,10 @@ def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def to_json(board: Leaderboard) -> str:
-    """Every number and flag of the board as JSON (fractions; NaN -> null)."""
+    """Every number and flag of the board as JSON (fractions; NaN -> null;
+    the published comparison in percent)."""
+    from .published import comparison as published_comparison
+
     doc = {
         "format": "dabench-leaderboard",
         "format_version": JSON_FORMAT_VERSION,
@@ -1325,6 +1338,7 @@ def to_json(board: Leaderboard) -> str:
         "negative_transfer_test": _plain_tree(board.nt_test),
         "warning_evaluation": _plain_tree(board.warning_eval),
         "suspicion": _plain_tree(board.suspicion),
+        "published": _plain_tree(published_comparison(board)),
     }
     return json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 

@@ -71,6 +71,10 @@ class RunResult:
     #: the run failed for a reason of the host (not of the method): it is
     #: stored as failed, and ``dabench run`` exits non-zero
     host_error: bool = False
+    #: the shared source model the run used (methods requiring "source_model")
+    source_model: Any = None  # dabench.source_model.SourceModelInfo
+    #: health signals the method recorded (dabench.diagnostics)
+    diagnostics: dict[str, float | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,9 @@ class Summary:
     retried: int = 0
     #: runs another invocation on the same store stored or computed meanwhile
     by_others: int = 0
+    #: shared source models trained by this sweep / reused from the cache (distinct keys)
+    source_models_trained: set[str] = field(default_factory=set)
+    source_models_reused: set[str] = field(default_factory=set)
     #: the distinct data errors, each with the pairs it stopped
     missing_data: dict[str, list[str]] = field(default_factory=dict)
     wall_time_s: float = 0.0
@@ -284,6 +291,7 @@ class Runner:
                  data_root: str | Path | None = None,
                  on_event: Callable[..., None] | None = None,
                  plugins_dir: str | Path | None = None,
+                 source_model_dir: str | Path | None = None,
                  time_limit_s: float | None = None) -> None:
         self.registry = registry
         self.store = store
@@ -292,6 +300,11 @@ class Runner:
         #: where the registry's extra plugins came from: worker processes
         #: (pool, Ray) rebuild the same registry from it
         self.plugins_dir = Path(plugins_dir) if plugins_dir else None
+        #: the cache of shared source models (default: ``source-models/`` in
+        #: the store's folder; None without a store: trained, not cached)
+        if source_model_dir is None and store is not None:
+            source_model_dir = Path(store.folder) / "source-models"
+        self.source_model_dir = Path(source_model_dir) if source_model_dir else None
         self.on_event = on_event or (lambda *a, **k: None)
         self.time_limit_s = time_limit_s
         #: splits kept in the driver (LRU); executors size it to their workers
@@ -304,22 +317,22 @@ class Runner:
         #: executors call it when a run crashed its worker and is retried once
         self.on_retry: Callable[[RunSpec, str], None] = lambda spec, reason: None
 
-    def _load_domain(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        spec: DomainSpec = self.registry.datasets[name]
+    def _load_domain(self, spec: DomainSpec) -> tuple[np.ndarray, np.ndarray]:
         return check_domain_arrays(spec, *spec.load(self.data_root))
 
     @staticmethod
     def split_key(spec: RunSpec) -> tuple:
-        return (spec.pair.name, canonical_json(spec.pair.protocol.as_dict()), spec.seed)
+        return (spec.pair.name, canonical_json(spec.pair.protocol.as_dict()), spec.seed,
+                canonical_json(spec.pair.fingerprints()))
 
     def _cached(self, spec: RunSpec) -> tuple[PairSplit, SplitInputs, SplitLabels]:
         key = self.split_key(spec)
         hit = self._split_cache.get(key)
         if hit is None:
             p = spec.pair
+            s_spec, t_spec = p.domain(p.source, self.registry), p.domain(p.target, self.registry)
             split = make_split(
-                p.name, self.registry.datasets[p.source], self.registry.datasets[p.target],
-                self._load(p.source), self._load(p.target), spec.seed, p.protocol,
+                p.name, s_spec, t_spec, self._load(s_spec), self._load(t_spec), spec.seed, p.protocol,
             )
             hit = (split, SplitInputs.of(split, key), SplitLabels.of(split))
             self._split_cache[key] = hit
@@ -357,7 +370,8 @@ class Runner:
         oracle = None
         if "oracle" in cls.requires:
             oracle = np.array(self._cached(spec)[0].target_train.y)
-        request = RunRequest(spec, device, inputs.key, oracle)
+        request = RunRequest(spec, device, inputs.key, oracle,
+                             None if self.source_model_dir is None else str(self.source_model_dir))
         return Prepared(spec, request, inputs, labels)
 
     def _release(self, spec: RunSpec) -> None:
@@ -372,14 +386,16 @@ class Runner:
         if outcome.status != "ok":
             return RunResult(spec, outcome.status, outcome.reason, wall_time_s=outcome.wall_time_s,
                              rss_peak_mb=outcome.rss_peak_mb, gpu_peak_mb=outcome.gpu_peak_mb, device=device,
-                             host_error=outcome.host_error)
+                             host_error=outcome.host_error, source_model=outcome.source_model)
         try:
             m = labelled_metrics(prepared.labels, outcome.target_pred, outcome.source_pred)
         except Exception as exc:  # predictions of the wrong shape
-            return RunResult(spec, "failed", _reason(exc), wall_time_s=outcome.wall_time_s, device=device)
+            return RunResult(spec, "failed", _reason(exc), wall_time_s=outcome.wall_time_s, device=device,
+                             source_model=outcome.source_model)
         return RunResult(spec, "ok", None, m["target_acc"], m["target_f1"], m["source_acc"],
                          outcome.scores if outcome.scores is not None else RunScores(), outcome.wall_time_s,
-                         outcome.rss_peak_mb, outcome.gpu_peak_mb, device)
+                         outcome.rss_peak_mb, outcome.gpu_peak_mb, device, source_model=outcome.source_model,
+                         diagnostics=dict(outcome.diagnostics or {}))
 
     def failure(self, spec: RunSpec, reason: str, device: str | None = None, *, wall_time_s: float = 0.0,
                 host_error: bool = False) -> RunResult:
@@ -505,6 +521,13 @@ class Runner:
                     if not self.store.write(rec, result.scores):
                         summary.by_others += 1  # another invocation stored it first: theirs is kept
                         continue
+                    sm = result.source_model
+                    if sm is not None:
+                        if sm.trained:
+                            self.store.add_source_model(sm, trained_by=spec.key)
+                            summary.source_models_trained.add(sm.key)
+                        elif sm.key not in summary.source_models_trained:
+                            summary.source_models_reused.add(sm.key)
                     summary.ran += 1
                     n_results += 1
                     setattr(summary, result.status, getattr(summary, result.status) + 1)

@@ -11,7 +11,9 @@ Rows are scalar (no blobs); hyperparameters, protocol and budget are stored
 as canonical JSON text.
 
 Tables: ``runs`` (one row per run), ``scores`` (one row per run and
-validator) and ``extras`` (label-free per-run statistics the leaderboard's
+validator), ``source_models`` (one row per shared source model a sweep
+trained: pair, seed, backbone, recipe, source validation accuracy; see
+:mod:`dabench.source_model`) and ``extras`` (label-free per-run statistics the leaderboard's
 negative-transfer warning uses, one small row per run and name: a number in
 ``value`` or a short text in ``text``, e.g. the predicted target class
 prior, or the predicted classes of the first target points).  ``extras``
@@ -29,8 +31,9 @@ host); another invocation skips a run whose lease is held by an owner that
 is alive and waits for it to be stored.  A lease expires when its owner is
 gone: on the same host when the pid is dead (or is another process now),
 on another host when its heartbeat is older than :data:`LEASE_TTL_S`.  A
-stored ``ok`` or ``skipped`` row is never overwritten; only a ``failed`` one
-may be replaced (``--retry-failed``).
+stored ``ok`` row is never overwritten by a ``failed`` or ``skipped`` one,
+nor a ``skipped`` row by a ``failed`` one; a ``failed`` row may be replaced
+(``--retry-failed``).
 
 Reading never writes: :meth:`RunStore.open_readonly` (the leaderboard, the
 reports, ``dabench leaderboard``) opens the file read-only, so a store on a
@@ -104,6 +107,9 @@ class StoreError(RuntimeError):
     """The store cannot be opened, read or written; the message names the
     file and what to do."""
 
+
+#: A stored run is never replaced by a lower-ranked one (an ok result by a failure).
+_RANK = {"failed": 0, "skipped": 1, "ok": 2}
 
 #: Seconds after which a lease of an owner on another host, whose heartbeat
 #: stopped, is considered abandoned (owners renew it every minute or so).
@@ -300,6 +306,11 @@ class RunStore:
                 "CREATE TABLE IF NOT EXISTS leases (key TEXT PRIMARY KEY, owner TEXT NOT NULL, pid INTEGER NOT NULL, "
                 "host TEXT NOT NULL, pid_start TEXT, heartbeat REAL NOT NULL)"
             )
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS source_models (key TEXT PRIMARY KEY, pair TEXT NOT NULL, "
+                "seed INTEGER NOT NULL, backbone TEXT NOT NULL, recipe TEXT NOT NULL, identity TEXT NOT NULL, "
+                "source_val_acc REAL, wall_time_s REAL, trained_by TEXT, trained_at TEXT)"
+            )
             # columns added after schema 1 shipped (older stores get them on open)
             have = {r[1] for r in con.execute("PRAGMA table_info(runs)")}
             for k, v in RUN_COLUMNS.items():
@@ -309,7 +320,7 @@ class RunStore:
             if row is None:
                 con.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             self._check_schema(con)
-        self._tables = {"meta", "runs", "scores", "extras", "leases"}
+        self._tables = {"meta", "runs", "scores", "extras", "leases", "source_models"}
         self._columns = [r[1] for r in self._con.execute("PRAGMA table_info(runs)")]
 
     def _check_schema(self, con: sqlite3.Connection) -> None:
@@ -482,9 +493,10 @@ class RunStore:
         """Store a run and its scores in one transaction and release its lease;
         ``scores.extras`` (a :class:`RunScores`) go to the ``extras`` table.
 
-        A stored ``ok`` or ``skipped`` row is never replaced (another
-        invocation stored it first): then nothing is written and False is
-        returned.  A ``failed`` row is replaced."""
+        A stored row is never replaced by a worse one: an ``ok`` row only by
+        an ``ok`` one, a ``skipped`` row not by a ``failed`` one (e.g. a late
+        failure of an invocation whose lease had expired); then nothing is
+        written and False is returned.  A ``failed`` row is replaced."""
         missing = [k for k, v in RUN_COLUMNS.items() if "NOT NULL" in v and record.get(k) is None]
         if missing:
             raise StoreError(f"run record lacks {missing}")
@@ -493,7 +505,7 @@ class RunStore:
         with self.transaction() as con:
             con.execute("DELETE FROM leases WHERE key = ? AND owner = ?", (record["key"], self.owner))
             row = con.execute("SELECT status FROM runs WHERE key = ?", (record["key"],)).fetchone()
-            if row is not None and row[0] != "failed":
+            if row is not None and _RANK.get(record["status"], 0) < _RANK.get(row[0], 0):
                 return False
             con.execute("DELETE FROM scores WHERE key = ?", (record["key"],))
             con.execute("DELETE FROM extras WHERE key = ?", (record["key"],))
@@ -512,6 +524,29 @@ class RunStore:
                     row = (record["key"], str(name), v, None)
                 con.execute("INSERT INTO extras (key, name, value, text) VALUES (?, ?, ?, ?)", row)
         return True
+
+    def add_source_model(self, info: Any, trained_by: str | None = None) -> None:
+        """Record that a shared source model (a
+        :class:`dabench.source_model.SourceModelInfo`) was trained; one row per
+        cache key (a model retrained after its cache entry was lost updates it)."""
+        from datetime import datetime, timezone
+
+        ident = info.identity
+        with self.transaction() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO source_models (key, pair, seed, backbone, recipe, identity, source_val_acc, "
+                "wall_time_s, trained_by, trained_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (info.key, ident["pair"], int(ident["seed"]), ident["backbone"], canonical_json(ident["recipe"]),
+                 canonical_json(ident), info.source_val_acc, info.wall_time_s, trained_by,
+                 datetime.now(timezone.utc).isoformat(timespec="seconds")))
+
+    def source_models(self) -> list[dict[str, Any]]:
+        """Every shared source model this store's sweeps trained."""
+        if "source_models" not in self._tables:  # an older store, opened read-only
+            return []
+        cols = ["key", "pair", "seed", "backbone", "recipe", "source_val_acc", "wall_time_s", "trained_by", "trained_at"]
+        rows = self._read(f"SELECT {', '.join(cols)} FROM source_models ORDER BY pair, seed, backbone")
+        return [dict(zip(cols, r)) for r in rows]
 
     def delete(self, keys: Iterable[str]) -> int:
         keys = list(keys)

@@ -211,12 +211,17 @@ def _oracle_labels(tiny: TinyTask, seed: int) -> np.ndarray:
     return np.array(_make_split(tiny, seed).target_train.y)
 
 
-def _task(cls: type[Method], tiny: TinyTask, seed: int = 0, device: str = "cpu") -> Task:
+def _task(cls: type[Method], tiny: TinyTask, seed: int = 0, device: str = "cpu",
+          source_model: bool = True) -> Task:
     split = _split(tiny, seed)
     task = split.task(seed=seed, device=device, budget=Budget(tiny.steps, tiny.batch_size),
                       backbone=_kit_registry().backbones["default"], oracle=False)
     if "oracle" in cls.requires:
         task = dataclasses.replace(task, target_train_labels=_oracle_labels(tiny, seed))
+    if source_model and "source_model" in cls.requires and cls.skip(task) is None:
+        from .source_model import with_source_model
+
+        task = with_source_model(task)  # as the host hands it: trained on the source, a fresh copy
     return task
 
 
@@ -225,7 +230,7 @@ def choose_task(cls: type[Method]) -> TinyTask:
     reasons = []
     for tiny in TINY_TASKS:
         try:
-            reason = cls.skip(_task(cls, tiny))
+            reason = cls.skip(_task(cls, tiny, source_model=False))
         except Exception as exc:
             raise CheckFailed(f"{cls.__name__}.skip(task) raised {_exc_line(exc)}: "
                               "skip must return a reason string or None, never raise") from exc
@@ -646,6 +651,7 @@ def check_failure_is_stored(cls: type[Method], ctx: _Context) -> str:
                 target_train=_Poison("target_train"),
                 target_labeled=None if task.target_labeled is None else _Poison("target_labeled"),
                 target_train_labels=None if task.target_train_labels is None else _Poison("target_train_labels"),
+                source_model=None if task.source_model is None else _Poison("source_model"),
             )
             try:
                 return super().fit(poisoned)

@@ -112,8 +112,11 @@ def test_an_ok_row_is_never_overwritten(tmp_path):
     with RunStore(tmp_path / "res") as st:
         assert st.write(_record("k", "failed", "boom"))
         assert st.write(_record("k", "ok"))  # a failed row is replaced (--retry-failed)
-        assert not st.write(_record("k", "failed", "late"))  # an ok one is not
-        assert st.statuses() == {"k": "ok"}
+        assert not st.write(_record("k", "failed", "late"))  # an ok one is not, by a failure
+        assert not st.write(_record("k", "skipped", "late"))  # nor by a skip
+        assert st.statuses() == {"k": "ok"} and st.rows()[0]["reason"] is None
+        assert st.write(_record("k2", "skipped", "why"))
+        assert not st.write(_record("k2", "failed", "late")) and st.statuses()["k2"] == "skipped"
 
 
 def test_leases_share_runs_between_invocations_and_expire_with_their_owner(tmp_path):
