@@ -78,9 +78,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         a, b = worker["inprocess"], worker["worker"]
         n = a.extra_info["runs"]
         spawn = worker.get("spawn")
+        start = spawn.stats.median if spawn is not None else 0.0
         w(f"fit in a worker process, {n} runs of a trivial method (one split each): in process "
-          f"{a.stats.median:.2f} s, through the serial worker {b.stats.median:.2f} s (start included) -> "
-          f"{(b.stats.median - a.stats.median) / n * 1e3:.0f} ms per run"
-          + (f"; a fresh worker takes {spawn.stats.median:.2f} s to start (per run if each run had its own)"
-             if spawn is not None else "")
-          + f"; load {b.extra_info['loadavg']:.1f}")
+          f"{a.stats.median:.2f} s, through the serial worker {b.stats.median:.2f} s, of which starting the "
+          f"worker ~{start:.2f} s -> {(b.stats.median - start - a.stats.median) / n * 1e3:+.0f} ms per run "
+          f"besides the start (a fresh process per run would add ~{start:.2f} s to every run); "
+          f"load {b.extra_info['loadavg']:.1f}")

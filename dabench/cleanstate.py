@@ -58,19 +58,29 @@ def _torch_state() -> dict[str, Any]:
 
 
 def _restore_torch(s: dict[str, Any]) -> None:
+    """Put torch's settings back, calling a setter only where the value
+    changed: some setters are costly the first time (``use_deterministic_algorithms``
+    imports sympy through torch, seconds on a busy machine)."""
     import torch
 
     if torch.get_default_dtype() != s["dtype"]:
         torch.set_default_dtype(s["dtype"])
     if "device" in s and torch.get_default_device() != s["device"]:
         torch.set_default_device(None if s["device"] == torch.device("cpu") else s["device"])
-    torch.set_grad_enabled(s["grad"])
-    torch.set_anomaly_enabled(s["anomaly"])
-    torch.use_deterministic_algorithms(s["deterministic"], warn_only=s["deterministic_warn_only"])
-    (torch.backends.cudnn.enabled, torch.backends.cudnn.deterministic,
-     torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32) = s["cudnn"]
-    torch.backends.cuda.matmul.allow_tf32 = s["matmul_tf32"]
-    torch.set_float32_matmul_precision(s["matmul_precision"])
+    if torch.is_grad_enabled() != s["grad"]:
+        torch.set_grad_enabled(s["grad"])
+    if torch.is_anomaly_enabled() != s["anomaly"]:
+        torch.set_anomaly_enabled(s["anomaly"])
+    if (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) != (
+            s["deterministic"], s["deterministic_warn_only"]):
+        torch.use_deterministic_algorithms(s["deterministic"], warn_only=s["deterministic_warn_only"])
+    cudnn = torch.backends.cudnn
+    if (cudnn.enabled, cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32) != s["cudnn"]:
+        cudnn.enabled, cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32 = s["cudnn"]
+    if torch.backends.cuda.matmul.allow_tf32 != s["matmul_tf32"]:
+        torch.backends.cuda.matmul.allow_tf32 = s["matmul_tf32"]
+    if torch.get_float32_matmul_precision() != s["matmul_precision"]:
+        torch.set_float32_matmul_precision(s["matmul_precision"])
     if torch.get_num_threads() != s["threads"]:
         torch.set_num_threads(s["threads"])
 

@@ -290,3 +290,20 @@ def test_what_a_worker_receives_holds_no_target_labels(registry):
     for labels in (split.target_test.y, split.target_train.y):
         assert len(labels) > 50 and labels.tobytes() not in sent
     assert split.target_test.X.tobytes() in sent  # the unlabelled evaluation inputs do go
+
+
+def test_the_driver_scores_macro_f1_as_scikit_learn_does():
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    from dabench.runner import macro_f1
+
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 10):
+        for trial in range(30):
+            m = int(rng.integers(1, 60))
+            y, p = rng.integers(0, n, m), rng.integers(0, n, m)
+            if trial % 5 == 0:
+                p = np.zeros(m, dtype=int)  # classes never predicted, or never present
+            assert macro_f1(y, p, n) == pytest.approx(
+                f1_score(y, p, labels=list(range(n)), average="macro", zero_division=0), abs=1e-12)
