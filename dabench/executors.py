@@ -19,7 +19,8 @@ Executors:
   run, one after the other.  It is started once per sweep (a fresh torch
   process costs 1-2 s, more than most quick-suite runs) and restores the
   process-wide state of torch, NumPy and scikit-learn before every run
-  (:mod:`dabench.cleanstate`).
+  (:mod:`dabench.cleanstate`); a worker that cannot (torch refuses some
+  mixes of its precision APIs) is replaced by a fresh one before the next run.
 - :class:`PoolExecutor` (``--jobs N``): ``N`` such workers, each pinned to
   one device for its whole life: on CPU every worker gets
   ``max(1, cores // N)`` torch threads so that ``N`` workers do not
@@ -325,6 +326,21 @@ def _describe_death(code: int | None) -> str:
     return f"exited with code {code}"
 
 
+def _warm_up() -> None:
+    """Import what every run needs but dabench imports lazily (the training
+    helpers, scikit-learn for the DEV validator: seconds on a busy machine),
+    before the worker says it is ready, so that the first run's time limit
+    measures the run, not the worker's imports."""
+    import importlib
+
+    for name in ("dabench.training", "dabench.runner", "dabench.diagnostics", "sklearn.linear_model",
+                 "sklearn.preprocessing"):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # pragma: no cover - a dependency missing shows up in the run itself
+            pass
+
+
 def _pool_worker(conn: Connection, config: WorkerConfig, device: str, driver_pid: int) -> None:
     """Body of a worker process: build the runner, then answer split and run
     messages until told to stop or the driver goes away."""
@@ -334,7 +350,7 @@ def _pool_worker(conn: Connection, config: WorkerConfig, device: str, driver_pid
     except OSError:
         pass
     _die_with_parent(driver_pid)
-    from .cleanstate import capture
+    from .cleanstate import StateNotRestored, capture
     from .isolation import WorkerOutcome, compute
     from .runner import _reason
 
@@ -344,8 +360,7 @@ def _pool_worker(conn: Connection, config: WorkerConfig, device: str, driver_pid
             import torch
 
             torch.cuda.set_device(device)
-        from . import training  # noqa: F401 - imported before the first run's clock starts
-
+        _warm_up()
         state = capture(blas_threads=config.threads)
     except BaseException as exc:  # noqa: BLE001 - reported to the driver
         try:
@@ -372,18 +387,26 @@ def _pool_worker(conn: Connection, config: WorkerConfig, device: str, driver_pid
         if inputs is None:
             outcome = WorkerOutcome("failed", "host: the worker received a run before its split", host_error=True)
         else:
-            state.restore()
             outcome = compute(runner.registry, request, inputs)
+        # put the process state back for the next run; what cannot be put
+        # back retires this worker (the driver starts a fresh one)
+        retire = None
         try:
-            conn.send(("result", outcome))
+            state.reset()
+        except StateNotRestored as exc:
+            retire = str(exc)
+        try:
+            conn.send(("result", outcome, retire))
         except (BrokenPipeError, OSError):
             return
         except Exception as exc:  # noqa: BLE001 - e.g. scores a plugin made unpicklable
             try:
                 conn.send(("result", WorkerOutcome("failed", f"the run's result could not be sent back: "
-                                                             f"{_reason(exc)}")))
+                                                             f"{_reason(exc)}"), retire))
             except (BrokenPipeError, OSError):
                 return
+        if retire is not None:
+            return
 
 
 class _Worker:
@@ -509,6 +532,11 @@ class _ProcessExecutor:
                             raise ExecutorError(f"a worker process could not start: {msg[1]}")
                         if msg is not None and msg[0] == "result":
                             prep, w.prepared, w.deadline = w.prepared, None, None
+                            if len(msg) > 2 and msg[2]:  # it could not restore the process state: retired
+                                log.info("worker %d on %s retired after a run: %s", w.slot, w.device, msg[2])
+                                w.stop()
+                                workers[i] = _Worker(ctx, config, w.device, w.slot)
+                                workers[i].last_key = w.last_key
                             if prep is not None:
                                 yield runner.finish(prep, msg[1], w.device)
                             continue
@@ -631,15 +659,20 @@ _RAY_STATE: dict[WorkerConfig, Any] = {}
 def _ray_task(config: WorkerConfig, request: Any, inputs: Any) -> Any:
     """One run inside a Ray worker process (its runner is cached per
     process, and the process state is restored before each run)."""
-    from .cleanstate import capture
+    from .cleanstate import StateNotRestored, capture
     from .isolation import compute
 
     runner = worker_runner(config)
     _set_threads(config.threads)
     state = _RAY_STATE.get(config)
     if state is None:
+        _warm_up()
         state = _RAY_STATE[config] = capture(blas_threads=config.threads)
-    state.restore()
+    else:
+        try:
+            state.reset()
+        except StateNotRestored:  # an earlier task left what cannot be put back: Ray retries on a fresh worker
+            os._exit(75)
     device = request.device
     if device.startswith("cuda"):
         request = replace(request, device="cuda:0")  # Ray restricts CUDA_VISIBLE_DEVICES to the task's GPU

@@ -279,6 +279,34 @@ def test_each_run_starts_from_a_clean_process_state(tmp_path):
     assert {r["status"] for r in rows} == {"ok"}
 
 
+UNRESTORABLE = CLEAN_STATE.replace("@hookimpl", '''
+class Unrestorable(Method):
+    \'\'\'Leaves a state the worker cannot vouch for (it tells the check so).\'\'\'
+    name = "unrestorable"
+    def fit(self, task):
+        import dabench.cleanstate as c
+        c.ProcessState.mismatch = lambda self: "a setting of the test"
+        return _Uniform(task.n_classes)
+
+
+@hookimpl''').replace("    register(Probe)", "    register(Probe)\n    register(Unrestorable)")
+
+
+def test_a_worker_that_cannot_restore_its_state_is_replaced(tmp_path):
+    log = tmp_path / "state.jsonl"
+    pdir = write(tmp_path / "p" / "state.py", UNRESTORABLE.format(log=str(log))).parent
+    text = SUITE.format(methods="[methods.probe]\n[methods.unrestorable]").replace("seeds = 1", "seeds = [0, 1]")
+    suite = write(tmp_path / "s.toml", text)
+    r = run_cli("run", str(suite), "--results", str(tmp_path / "res"), "--plugins-dir", str(pdir),
+                "--device", "cpu", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert "retrying" not in r.stderr  # no run is blamed
+    states = [json.loads(x) for x in log.read_text().splitlines()]
+    assert len(states) == 2 and states[0]["pid"] != states[1]["pid"]  # a fresh worker after unrestorable
+    with RunStore.open_readonly(tmp_path / "res") as st:
+        assert {x["status"] for x in st.rows()} == {"ok"} and st.count() == 4
+
+
 def _alive(pid: int) -> bool:
     p = Path(f"/proc/{pid}/stat")
     try:
