@@ -135,6 +135,9 @@ class WorkerOutcome:
     source_model: Any = None
     #: health signals the method recorded (dabench.diagnostics)
     diagnostics: dict[str, float | None] = field(default_factory=dict)
+    #: the run's data could not be read (an image of a streamed domain that
+    #: cannot be decoded): reported as missing data, not stored
+    data_error: bool = False
 
 
 # ---------------------------------------------------------------- memory
@@ -216,8 +219,9 @@ def compute(registry: Any, request: RunRequest, inputs: SplitInputs, *,
     included) becomes a ``failed`` outcome with its reason; with
     ``catch_interrupt=False`` a ``KeyboardInterrupt`` propagates (the
     in-process executor, where it may be the user's Ctrl-C)."""
+    from .data.core import DataError
     from .runner import evaluate_unlabelled
-    from .training import seed_everything
+    from .training import amp_context, seed_everything
 
     spec = request.spec
     if inputs.key != request.split_key:
@@ -254,12 +258,15 @@ def compute(registry: Any, request: RunRequest, inputs: SplitInputs, *,
                                    fingerprints=spec.pair.fingerprints(), seed=spec.seed,
                                    backbone=spec.backbone, shape=task.source_shape, n_classes=task.n_classes,
                                    recipe=recipe, device=request.device)
-            task, sm_info = attach_source_model(task, recipe=recipe, identity=ident,
-                                                cache_dir=request.source_model_dir)
+            with amp_context(request.device, spec.pair.protocol.amp):
+                task, sm_info = attach_source_model(task, recipe=recipe, identity=ident,
+                                                    cache_dir=request.source_model_dir)
         except KeyboardInterrupt:
             if not catch_interrupt:
                 raise
             return WorkerOutcome("failed", "source model: KeyboardInterrupt", wall_time_s=time.perf_counter() - t_sm)
+        except DataError as exc:  # an image of a streamed domain that cannot be decoded
+            return WorkerOutcome("failed", str(exc), data_error=True)
         except BaseException as exc:  # noqa: BLE001 - fails this run only
             return WorkerOutcome("failed", f"source model: {_reason(exc)}", wall_time_s=time.perf_counter() - t_sm)
     from . import diagnostics
@@ -270,10 +277,13 @@ def compute(registry: Any, request: RunRequest, inputs: SplitInputs, *,
     try:
         seed_everything(spec.seed)
         method = cls(**spec.params)
-        with diagnostics.collect() as diag:
-            predictor = method.fit(task)
-        wall = time.perf_counter() - t0
-        target_pred, source_pred, scores = evaluate_unlabelled(predictor, inputs, task, registry.validators)
+        with amp_context(request.device, spec.pair.protocol.amp):  # bf16 on CUDA when the suite asks; never on CPU
+            with diagnostics.collect() as diag:
+                predictor = method.fit(task)
+            wall = time.perf_counter() - t0
+            target_pred, source_pred, scores = evaluate_unlabelled(predictor, inputs, task, registry.validators)
+    except DataError as exc:  # an image of a streamed domain that cannot be decoded: the data's fault
+        return WorkerOutcome("failed", str(exc), data_error=True)
     except KeyboardInterrupt as exc:
         if not catch_interrupt:
             raise

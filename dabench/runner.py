@@ -395,7 +395,8 @@ class Runner:
         if outcome.status != "ok":
             return RunResult(spec, outcome.status, outcome.reason, wall_time_s=outcome.wall_time_s,
                              rss_peak_mb=outcome.rss_peak_mb, gpu_peak_mb=outcome.gpu_peak_mb, device=device,
-                             host_error=outcome.host_error, source_model=outcome.source_model)
+                             host_error=outcome.host_error, source_model=outcome.source_model,
+                             data_error=outcome.data_error)
         try:
             m = labelled_metrics(prepared.labels, outcome.target_pred, outcome.source_pred)
         except Exception as exc:  # predictions of the wrong shape
@@ -516,6 +517,7 @@ class Runner:
                             summary.by_others += 1
                         continue
                     if result.data_error:
+                        self._release(spec)  # not stored: a later invocation runs it once the data is there
                         summary.no_data += 1
                         n_results += 1
                         pairs = summary.missing_data.setdefault(result.reason or "", [])

@@ -12,7 +12,8 @@ What is followed:
   classifier ``G_d``: an MLP with ``disc_layers`` hidden layers of
   ``disc_hidden`` ReLU units and a logistic output.  The default, one hidden
   layer of 100 units, is the paper's MNIST domain classifier (Fig. 4); its
-  SVHN/GTSRB/Office one is ``disc_layers=2, disc_hidden=1024``.
+  SVHN/GTSRB/Office one is ``disc_layers=2, disc_hidden=1024``; TLlib's
+  digit and Office discriminator is that with batch norm (``disc_bn``).
 - The gradient reversal layer ``R`` between ``G_f`` and ``G_d`` (Sec. 4.2,
   Eq. 18): identity forward, gradient multiplied by ``-lambda`` backward, so one
   backward pass of ``L_y + L_d`` performs the saddle-point updates of Eqs.
@@ -53,8 +54,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dabench import Float, Int, Method, Task, hookimpl
+from dabench import Bool, Float, Int, Method, Task, hookimpl
 from dabench.training import (
+    BACKBONE_LR_MULT,
     CHECK_EVERY,
     TensorBatches,
     TorchPredictor,
@@ -62,6 +64,7 @@ from dabench.training import (
     check_finite,
     grad_reverse,
     grl_lambda,
+    backbone_param_groups,
     make_sgd,
     progress,
     resolve_device,
@@ -72,12 +75,14 @@ from dabench.training import (
 
 
 
-def domain_classifier(in_dim: int, hidden: int, layers: int) -> nn.Sequential:
-    """``G_d``: ``layers`` hidden ReLU layers of ``hidden`` units, one logit out."""
+def domain_classifier(in_dim: int, hidden: int, layers: int, batch_norm: bool = False) -> nn.Sequential:
+    """``G_d``: ``layers`` hidden ReLU layers of ``hidden`` units, one logit out
+    (with ``batch_norm``, ``BatchNorm1d`` before each ReLU, as TLlib's
+    ``DomainDiscriminator``)."""
     mods: list[nn.Module] = []
     width = in_dim
     for _ in range(layers):
-        mods += [nn.Linear(width, hidden), nn.ReLU()]
+        mods += [nn.Linear(width, hidden), *([nn.BatchNorm1d(hidden)] if batch_norm else []), nn.ReLU()]
         width = hidden
     mods.append(nn.Linear(width, 1))
     return nn.Sequential(*mods)
@@ -94,10 +99,12 @@ class DANN(Method):
     hyperparameters = {
         "lr": Float(0.01, 1e-3, 0.1, log=True, help="initial SGD learning rate mu0 (annealed)"),
         "weight_decay": Float(5e-4, 1e-6, 1e-2, log=True, help="L2 weight decay"),
+        "backbone_lr_mult": BACKBONE_LR_MULT,
         "lambda_max": Float(1.0, 0.03, 3.0, log=True, help="final adaptation weight lambda"),
         "gamma": Float(10.0, 1.0, 30.0, log=True, help="steepness of the lambda schedule"),
         "disc_hidden": Int(100, 16, 1024, log=True, help="hidden units per domain-classifier layer"),
         "disc_layers": Int(1, 1, 3, help="hidden layers of the domain classifier"),
+        "disc_bn": Bool(False, help="batch norm in the domain classifier's hidden layers (TLlib's discriminator)"),
     }
 
     def fit(self, task: Task) -> TorchPredictor:
@@ -105,10 +112,10 @@ class DANN(Method):
         device = resolve_device(task.device)
         encoder, dim = task.backbone(task.source_shape)
         classifier = nn.Linear(dim, task.n_classes)
-        disc = domain_classifier(dim, self.disc_hidden, self.disc_layers)
+        disc = domain_classifier(dim, self.disc_hidden, self.disc_layers, self.disc_bn)
         for m in (encoder, classifier, disc):
             m.to(device).train()
-        params = [p for m in (encoder, classifier, disc) for p in m.parameters()]
+        params = backbone_param_groups(encoder, (classifier, disc), self.backbone_lr_mult)
         opt = make_sgd(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
         bs = task.budget.batch_size
         src = TensorBatches(task.source_train.X, task.source_train.y, batch_size=bs,
