@@ -8,8 +8,10 @@ should catch it, and report the mutants that survive.
 
 Each mutant is one exact text replacement (the script refuses to run when
 the original text is not found exactly once, so it cannot silently test
-nothing).  Files are restored after each mutant, also on Ctrl-C.  Exit code:
-0 when every mutant was killed, 1 otherwise.  Run it before resolving a
+nothing), and first checks that each mutant's tests pass on the unmutated
+code (so a failure means the mutant was caught, not that the tests were
+broken).  Files are restored after each mutant, also on Ctrl-C.  Exit code:
+0 when every mutant was killed, 1 otherwise, 2 when the baseline fails.  Run it before resolving a
 change to these modules; add a mutant (and the test that kills it) when a
 bug slips through.
 """
@@ -101,6 +103,16 @@ MUTANTS = (
 )
 
 
+def run_tests(tests: tuple[str, ...], timeout: int) -> int | None:
+    """pytest's exit code on ``tests`` (None: timed out)."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    try:
+        return subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                              cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env).returncode
+    except subprocess.TimeoutExpired:
+        return None
+
+
 def run_mutant(m: Mutant, timeout: int) -> tuple[str, float]:
     path = ROOT / m.path
     original = path.read_text(encoding="utf-8")
@@ -110,15 +122,8 @@ def run_mutant(m: Mutant, timeout: int) -> tuple[str, float]:
     t0 = time.time()
     try:
         path.write_text(original.replace(m.old, m.new), encoding="utf-8")
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        try:
-            r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests],
-                               cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-            status = "killed" if r.returncode != 0 else "SURVIVED"
-            if r.returncode not in (0, 1):
-                status = f"killed (pytest exit {r.returncode})"
-        except subprocess.TimeoutExpired:
-            status = "killed (timeout)"
+        code = run_tests(m.tests, timeout)
+        status = {None: "killed (timeout)", 0: "SURVIVED", 1: "killed"}.get(code, f"killed (pytest exit {code})")
     finally:
         path.write_text(original, encoding="utf-8")
     return status, time.time() - t0
@@ -129,12 +134,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-k", help="only mutants whose name contains this")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
     p.add_argument("--timeout", type=int, default=900, help="seconds per mutant (default 900)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip checking that each mutant's tests pass on the unmutated code")
     args = p.parse_args(argv)
     mutants = [m for m in MUTANTS if not args.k or args.k in m.name]
     if args.list:
         for m in mutants:
             print(f"{m.name:<34} {m.path:<26} {' '.join(m.tests)}")
         return 0
+    if not args.no_baseline:
+        # a mutant counts as killed only if its tests pass without it
+        for tests in dict.fromkeys(m.tests for m in mutants):
+            code = run_tests(tests, args.timeout)
+            if code != 0:
+                print(f"baseline: {' '.join(tests)} fail without any mutant (pytest exit {code}): fix them first")
+                return 2
+        print(f"baseline: the {len(set(m.tests for m in mutants))} test selections pass without mutants")
     survived = 0
     for m in mutants:
         status, secs = run_mutant(m, args.timeout)
