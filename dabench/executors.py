@@ -10,14 +10,14 @@ flight, and a rerun computes exactly the missing keys.
 
 Three executors:
 
-- :class:`SerialExecutor` (the default): every run in the driver process,
-  one after the other.
-- :class:`PoolExecutor` (``--jobs N``): ``N`` worker processes started with
-  the ``spawn`` method.  Each worker rebuilds the registry from the same
-  plugins (entry points and ``--plugins-dir``), keeps its own data and split
-  caches, and is pinned to one device for its whole life: on CPU every
-  worker gets ``max(1, cores // N)`` torch threads so that ``N`` workers do
-  not oversubscribe the cores; with ``--device cuda`` worker ``i`` runs on
+- :class:`SerialExecutor`: every run in the driver process, one after the
+  other (the default where only one core is usable, or with ``--jobs 1``).
+- :class:`PoolExecutor` (the default on CPU with two or more usable cores:
+  one worker per core, see :func:`default_jobs`; ``--jobs N`` for ``N``):
+  worker processes started with the ``spawn`` method.  Each worker rebuilds
+  the registry from the same plugins (entry points and ``--plugins-dir``),
+  keeps its own data and split caches, and is pinned to one device for its
+  whole life; with ``--device cuda`` worker ``i`` runs on
   ``cuda:(i mod #GPUs)`` (by default one worker per visible GPU).  A worker
   that dies (segfault, out of memory) loses only the run it held: that run
   is reported as lost, not stored, so the next invocation runs it again;
@@ -28,12 +28,18 @@ Three executors:
   result as it completes.  Ray is an optional extra (``pip install
   "dabench[ray]"``), imported only when this executor is used.
 
-Runs are deterministic for a seed and a torch thread count, so an executor
-changes where and when a run is computed, not its result, as long as the
-runs get the same number of torch threads (``--threads``): CPU convolutions
-may round differently with another thread count (seen in the 8th digit of a
-validator score).  The tests check that serial, pool and Ray sweeps store the
-same keys and metrics.
+Threads.  Every run, whatever the executor, gets :data:`DEFAULT_THREADS`
+(1) torch intra-op thread and the same cap on NumPy's/SciPy's BLAS and
+OpenMP pools, unless ``--threads`` says otherwise.  One thread per run is
+both the fastest and the most robust setting for the small models of the
+embedded pairs (an OpenMP pool that spins on a contended core makes a run
+10-50 times slower beside another busy process), and one *fixed* count
+makes results reproducible: runs are deterministic for a seed and a thread
+count, and CPU convolutions and BLAS reductions round differently with
+another thread count, so a result would otherwise depend on ``--jobs`` and
+on the executor.  The thread count and the torch version of every run are
+stored with it and stated in the report.  The tests check that serial,
+pool and Ray sweeps store the same keys and metrics.
 """
 
 from __future__ import annotations
@@ -59,8 +65,10 @@ __all__ = [
     "PoolExecutor",
     "RayExecutor",
     "SerialExecutor",
+    "DEFAULT_THREADS",
     "WorkerConfig",
     "available_cores",
+    "default_jobs",
     "make_executor",
     "plan_devices",
     "threads_per_worker",
@@ -89,16 +97,74 @@ OnDispatch = Callable[["RunSpec", str], None]
 # ------------------------------------------------------------------ helpers
 
 
+#: Torch threads (and BLAS/OpenMP threads) of every run unless ``--threads``
+#: says otherwise; see the module docstring.
+DEFAULT_THREADS = 1
+
+#: Memory a default pool keeps free per worker (a quick-suite worker peaks
+#: at 0.5-0.8 GB); more workers than this allows are not started by default.
+WORKER_MEMORY_BYTES = 1536 * 2**20
+
+
+def _cgroup_cpu_limit() -> int | None:
+    """The CPU quota of this process's cgroup (v2 ``cpu.max`` or v1
+    ``cpu.cfs_quota_us``), rounded up, or None when there is none."""
+    candidates = [("/sys/fs/cgroup/cpu.max", None),
+                  ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")]
+    for quota_path, period_path in candidates:
+        try:
+            with open(quota_path) as f:
+                parts = f.read().split()
+            if period_path is None:
+                quota, period = parts[0], parts[1]
+            else:
+                with open(period_path) as f:
+                    quota, period = parts[0], f.read().split()[0]
+            if quota in ("max", "-1"):
+                return None
+            return max(1, -(-int(quota) // int(period)))
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
 def available_cores() -> int:
-    """CPU cores this process may use (affinity-aware)."""
+    """CPU cores this process may use: its affinity mask, capped by a
+    container's CPU quota."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        n = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        n = max(1, os.cpu_count() or 1)
+    quota = _cgroup_cpu_limit()
+    return min(n, quota) if quota else n
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def default_jobs(cores: int | None = None, memory: int | None = None) -> int:
+    """Runs computed at once on CPU by default: one single-threaded run per
+    usable core, as long as each worker has :data:`WORKER_MEMORY_BYTES` of
+    the available memory."""
+    cores = available_cores() if cores is None else cores
+    memory = _available_memory() if memory is None else memory
+    jobs = max(1, cores)
+    if memory:
+        jobs = min(jobs, max(1, memory // WORKER_MEMORY_BYTES))
+    return jobs
 
 
 def threads_per_worker(jobs: int, cores: int | None = None) -> int:
-    """Torch intra-op threads per worker: ``max(1, cores // jobs)``."""
+    """``max(1, cores // jobs)``: the most threads per run that ``jobs``
+    parallel runs can use without oversubscribing the cores."""
     cores = available_cores() if cores is None else cores
     return max(1, cores // max(1, jobs))
 
@@ -106,7 +172,7 @@ def threads_per_worker(jobs: int, cores: int | None = None) -> int:
 def plan_devices(device: str, jobs: int | None, gpu_count: int) -> list[str]:
     """The device of each worker.
 
-    - ``cpu``: ``jobs`` (default 1) workers on ``cpu``;
+    - ``cpu``: ``jobs`` (default :func:`default_jobs`) workers on ``cpu``;
     - ``cuda`` (no index): ``jobs`` workers, default one per visible GPU,
       worker ``i`` pinned to ``cuda:(i mod gpu_count)``;
     - ``cuda:k``: ``jobs`` (default 1) workers all on ``cuda:k``.
@@ -118,6 +184,8 @@ def plan_devices(device: str, jobs: int | None, gpu_count: int) -> list[str]:
             raise ExecutorError("device 'cuda' requested but no CUDA GPU is visible; use --device cpu")
         n = jobs or gpu_count
         return [f"cuda:{i % gpu_count}" for i in range(n)]
+    if device == "cpu":
+        return [device] * (jobs or default_jobs())
     return [device] * (jobs or 1)
 
 
@@ -136,7 +204,7 @@ class WorkerConfig:
 
     plugins_dir: str | None = None
     data_root: str | None = None
-    threads: int | None = None  # torch intra-op threads; None: torch's default
+    threads: int | None = None  # torch intra-op threads; None: torch's default (not used by dabench's executors)
 
     @classmethod
     def of(cls, runner: "Runner", threads: int | None = None) -> "WorkerConfig":
@@ -231,16 +299,16 @@ def _run_in_worker(runner: "Runner", spec: "RunSpec", device: str) -> "RunResult
 
 class SerialExecutor:
     """Every run in the driver process, in suite order, with ``threads``
-    torch threads (default: torch's own default, all cores)."""
+    torch threads (default :data:`DEFAULT_THREADS`)."""
 
     name = "serial"
     workers = 1
 
     def __init__(self, threads: int | None = None) -> None:
-        self.threads = threads
+        self.threads = DEFAULT_THREADS if threads is None else int(threads)
 
     def describe(self) -> str:
-        return "serial" + (f" ({self.threads} torch threads)" if self.threads else "")
+        return f"serial ({self.threads} thread{'s' if self.threads != 1 else ''} per run)"
 
     def map(self, runner: "Runner", specs: Sequence["RunSpec"], on_dispatch: OnDispatch) -> Iterator[Any]:
         import torch
@@ -335,7 +403,7 @@ def _split_key(spec: "RunSpec") -> tuple:
 class PoolExecutor:
     """``len(devices)`` spawned worker processes, worker ``i`` pinned to
     ``devices[i]``, each with ``threads`` torch threads (default
-    ``max(1, cores // workers)`` on CPU).
+    :data:`DEFAULT_THREADS`).
 
     Scheduling keeps data local: a free worker takes the next pending run of
     the pair and seed it ran last (its cached split) when there is one, else
@@ -350,15 +418,14 @@ class PoolExecutor:
             raise ExecutorError("a process pool needs at least one worker")
         self.devices = list(devices)
         self.workers = len(self.devices)
-        on_cpu = all(not d.startswith("cuda") for d in self.devices)
-        self.threads = threads if threads is not None else (threads_per_worker(self.workers) if on_cpu else 1)
+        self.threads = DEFAULT_THREADS if threads is None else int(threads)
         self.start_method = start_method
         self.max_restarts = 2 * self.workers if max_restarts is None else max_restarts
 
     def describe(self) -> str:
         devs = sorted(set(self.devices))
         return (f"process pool of {self.workers} workers ({', '.join(devs)}; "
-                f"{self.threads} torch thread{'s' if self.threads != 1 else ''} each)")
+                f"{self.threads} thread{'s' if self.threads != 1 else ''} per run)")
 
     def map(self, runner: "Runner", specs: Sequence["RunSpec"], on_dispatch: OnDispatch) -> Iterator[Any]:
         if not specs:
@@ -554,16 +621,19 @@ class RayExecutor:
 
 def make_executor(kind: str = "local", *, device: str = "cpu", jobs: int | None = None,
                   address: str | None = None, threads: int | None = None) -> Any:
-    """The executor for the CLI options ``--executor``, ``--jobs``, ``--address``.
+    """The executor for the CLI options ``--executor``, ``--jobs``,
+    ``--address``, ``--threads``.
 
-    ``local`` with ``jobs`` of ``None``/1 on CPU (or on one ``cuda:k``) is the
-    serial executor; more jobs, or ``--device cuda`` with more than one GPU
-    visible, is a process pool (one worker per GPU by default).
+    ``local``: on CPU, ``jobs`` (default :func:`default_jobs`: one per usable
+    core) single-threaded runs at once, in a process pool, or serially in
+    this process when that is one; on ``cuda``, one worker per visible GPU
+    (or ``jobs``); on one ``cuda:k``, serial unless ``jobs`` says otherwise.
+    Every run gets ``threads`` threads (default :data:`DEFAULT_THREADS`).
     """
     if threads is not None and threads < 1:
         raise ExecutorError(f"--threads must be a positive integer, got {threads}")
     if kind == "ray":
-        return RayExecutor(device=device, address=address, max_in_flight=jobs, cpus_per_run=threads or 1)
+        return RayExecutor(device=device, address=address, max_in_flight=jobs, cpus_per_run=threads or DEFAULT_THREADS)
     if kind != "local":
         raise ExecutorError(f"unknown executor {kind!r}: use 'local' or 'ray'")
     if address:

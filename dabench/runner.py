@@ -51,6 +51,11 @@ class RunResult:
     wall_time_s: float = 0.0
     peak_mem_mb: float | None = None
     device: str | None = None  # where it ran (None: the runner's device)
+    #: what else determines the result: the torch intra-op threads the run
+    #: had (BLAS/OpenMP pools are capped at the same count by the executors)
+    #: and the torch version
+    threads: int | None = None
+    torch_version: str | None = None
     #: the pair's data is missing or fails its checks (a DataError): the run
     #: is reported but not stored, so that it runs once the data is there
     data_error: bool = False
@@ -310,10 +315,11 @@ class Runner:
         if reason:
             return RunResult(spec, "skipped", reason, device=device)
         cuda = device.startswith("cuda")
+        import torch
+
+        settings = {"threads": torch.get_num_threads(), "torch_version": torch.__version__}
         _reset_peak_rss()
         if cuda:
-            import torch
-
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         try:
@@ -327,14 +333,12 @@ class Runner:
         except Exception as exc:
             log.debug("run %s failed:\n%s", spec.key, traceback.format_exc())
             return RunResult(spec, "failed", _reason(exc), wall_time_s=time.perf_counter() - t0,
-                             peak_mem_mb=_peak_rss_mb(), device=device)
+                             peak_mem_mb=_peak_rss_mb(), device=device, **settings)
         peak = _peak_rss_mb()
         if cuda:
-            import torch
-
             peak = torch.cuda.max_memory_allocated(device) / 2**20
         return RunResult(spec, "ok", None, metrics["target_acc"], metrics["target_f1"], metrics.get("source_acc"),
-                         scores, wall, peak, device)
+                         scores, wall, peak, device, **settings)
 
     def record(self, r: RunResult, started: str) -> dict[str, Any]:
         s = r.spec
@@ -349,6 +353,7 @@ class Runner:
             "target_acc": r.target_acc, "target_f1": r.target_f1, "source_acc": r.source_acc,
             "wall_time_s": r.wall_time_s, "peak_mem_mb": r.peak_mem_mb,
             "device": (r.device or self.device) if r.status == "ok" else None,
+            "threads": r.threads, "torch_version": r.torch_version,
             "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "dabench_version": __version__,
         }

@@ -16,7 +16,9 @@ negative-transfer warning uses, one small row per run and name: a number in
 ``value`` or a short text in ``text``, e.g. the predicted target class
 prior, or the predicted classes of the first target points).  ``extras``
 was added after schema 1 shipped; it is created on open, so older stores
-keep working (their runs simply have no extras).
+keep working (their runs simply have no extras).  Likewise the ``runs``
+columns ``threads`` and ``torch_version`` (what else determines a result)
+are added to an older store on open; its runs read None there.
 """
 
 from __future__ import annotations
@@ -54,10 +56,18 @@ RUN_COLUMNS: dict[str, str] = {
     "wall_time_s": "REAL",
     "peak_mem_mb": "REAL",
     "device": "TEXT",
+    # what else determines a result: torch threads per run, torch version
+    # (added after schema 1 shipped: older stores get the columns on open)
+    "threads": "INTEGER",
+    "torch_version": "TEXT",
     "started_at": "TEXT",
     "finished_at": "TEXT",
     "dabench_version": "TEXT",
 }
+
+
+#: Columns added to ``runs`` after schema 1 shipped (nullable; added on open).
+ADDED_COLUMNS = ("threads", "torch_version")
 
 
 def canonical_json(obj: Any) -> str:
@@ -108,6 +118,10 @@ class RunStore:
         with self.transaction() as con:
             con.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
             con.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
+            have = {r[1] for r in con.execute("PRAGMA table_info(runs)")}
+            for name in ADDED_COLUMNS:
+                if name not in have:  # a store written before the column existed: its runs read NULL
+                    con.execute(f"ALTER TABLE runs ADD COLUMN {name} {RUN_COLUMNS[name]}")
             con.execute(
                 "CREATE TABLE IF NOT EXISTS scores (key TEXT NOT NULL REFERENCES runs(key) ON DELETE CASCADE, "
                 "validator TEXT NOT NULL, value REAL, PRIMARY KEY (key, validator))"
@@ -160,8 +174,10 @@ class RunStore:
     def rows(self) -> list[dict[str, Any]]:
         """Every run as a flat dict, with ``val_<validator>`` entries for scores
         and ``x_<name>`` entries for extras."""
-        cur = self._con.execute(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs ORDER BY suite, pair, method, point, seed")
-        out = {r[0]: dict(zip(RUN_COLUMNS, r)) for r in cur.fetchall()}
+        have = {r[1] for r in self._con.execute("PRAGMA table_info(runs)")}
+        cols = [c for c in RUN_COLUMNS if c in have]  # an older store may lack the added columns
+        cur = self._con.execute(f"SELECT {', '.join(cols)} FROM runs ORDER BY suite, pair, method, point, seed")
+        out = {r[0]: dict(dict.fromkeys(RUN_COLUMNS), **dict(zip(cols, r))) for r in cur.fetchall()}
         for key, validator, value in self._con.execute("SELECT key, validator, value FROM scores"):
             if key in out:
                 out[key][f"val_{validator}"] = value
