@@ -48,6 +48,7 @@ import numpy as np
 
 from .contract import CONTRACT_VERSION, Budget, ContractError
 from .data.core import Protocol
+from .names import closest, did_you_mean
 from .store import canonical_json, run_key
 
 
@@ -128,27 +129,146 @@ class Suite:
                                              pair.backbone or self.backbone))
         return specs
 
+    def pair_labels(self) -> dict[PairEntry, str]:
+        """Each pair entry's name, made unique where one pair is listed under
+        several protocols: ``digits:mnist [feature_space=native, k_target=3]``
+        (the protocol keys that differ; else also the budget and backbone),
+        as the leaderboard names its columns."""
+        return variant_labels(self.pairs, self.backbone)
+
+    def point_labels(self) -> dict[tuple[str, int], str]:
+        """``{(method, point): label}``: the method's name, followed, when
+        it has several hyperparameter points, by the values that differ
+        between them (``dann lambda_max=1.0``)."""
+        out = {}
+        for m in self.methods:
+            for i, params in enumerate(m.points):
+                suffix = _differing(params, [p for j, p in enumerate(m.points) if j != i])
+                out[(m.name, i)] = f"{m.name} {suffix}" if suffix else m.name
+        return out
+
     def restrict(self, methods: list[str] | None = None, pairs: list[str] | None = None,
                  seeds: int | None = None) -> "Suite":
-        """The suite limited by CLI filters; unknown names raise SuiteError."""
+        """The suite limited by CLI filters; unknown names raise SuiteError
+        (naming the closest ones)."""
         s = replace(self)
+        check_filters(self.path, [m.name for m in self.methods], [p.name for p in self.pairs], methods, pairs, seeds)
         if methods:
-            known = {m.name for m in self.methods}
-            bad = [m for m in methods if m not in known]
-            if bad:
-                raise SuiteError(self.path, "--methods", f"{bad} not in this suite; it has {sorted(known)}")
             s.methods = [m for m in self.methods if m.name in methods]
         if pairs:
-            known = {p.name for p in self.pairs}
-            bad = [p for p in pairs if p not in known]
-            if bad:
-                raise SuiteError(self.path, "--pairs", f"{bad} not in this suite; it has {sorted(known)}")
-            s.pairs = [p for p in self.pairs if p.name in pairs]
+            wanted = {normalize_pair(p) for p in pairs}
+            s.pairs = [p for p in self.pairs if p.name in wanted]
         if seeds is not None:
-            if seeds < 1:
-                raise SuiteError(self.path, "--seeds", "expected a positive integer")
             s.seeds = list(range(seeds))
         return s
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _differing(variant: dict[str, Any], others: list[dict[str, Any]]) -> str:
+    """``k=v, ...`` for the keys where ``variant`` differs from some other."""
+    keys = sorted(k for k in variant if any(o.get(k) != variant[k] for o in others))
+    return ", ".join(f"{k}={_fmt_value(variant[k])}" for k in keys)
+
+
+def variant_labels(pairs: list[PairEntry], backbone: str = "default") -> dict[PairEntry, str]:
+    """See :meth:`Suite.pair_labels`."""
+    out: dict[PairEntry, str] = {}
+    for p in pairs:
+        same = [q for q in pairs if q.name == p.name and q != p]
+        if not same:
+            out[p] = p.name
+            continue
+
+        def proto(e: PairEntry) -> dict[str, Any]:
+            return e.protocol.as_dict()
+
+        def everything(e: PairEntry) -> dict[str, Any]:
+            return dict(proto(e), steps=e.budget.steps, batch_size=e.budget.batch_size,
+                        backbone=e.backbone or backbone)
+
+        suffix = _differing(proto(p), [proto(q) for q in same]) or _differing(everything(p), [everything(q) for q in same])
+        out[p] = f"{p.name} [{suffix}]" if suffix else p.name
+    return out
+
+
+def normalize_pair(name: str) -> str:
+    """``moons→moons-rot35`` (as progress lines and reports print a pair) is
+    accepted for ``moons:moons-rot35``."""
+    return name.strip().replace("→", ":", 1)
+
+
+def _unknown(path: Path, key: str, what: str, bad: list[str], known: list[str]) -> SuiteError:
+    hints = [h for h in (did_you_mean(b, known) for b in bad) if h]
+    names = ", ".join(repr(b) for b in bad)
+    verb = "is not a" if len(bad) == 1 else "are not"
+    return SuiteError(path, key, f"{names} {verb} {what}{'' if len(bad) == 1 else 's'} of this suite"
+                                 f"{'; ' + ' '.join(hints) if hints else ''} (it has: {', '.join(sorted(set(known)))})")
+
+
+def check_filters(path: str | Path, suite_methods: list[str], suite_pairs: list[str],
+                  methods: list[str] | None = None, pairs: list[str] | None = None,
+                  seeds: int | None = None) -> None:
+    """Check the CLI's ``--methods``/``--pairs``/``--seeds`` against a suite's
+    method and pair names; raise :class:`SuiteError` naming the closest ones.
+    Needs no registry (see :func:`outline`), so a typo is refused before any
+    plugin loads."""
+    path = Path(path)
+    if methods:
+        bad = [m for m in methods if m not in suite_methods]
+        if bad:
+            raise _unknown(path, "--methods", "method", bad, suite_methods)
+    if pairs:
+        bad = [p for p in pairs if normalize_pair(p) not in suite_pairs]
+        if bad:
+            raise _unknown(path, "--pairs", "pair", bad, suite_pairs)
+    if seeds is not None and seeds < 1:
+        raise SuiteError(path, "--seeds", "expected a positive integer")
+
+
+@dataclass(frozen=True)
+class SuiteOutline:
+    """A suite file's names, read without the registry (see :func:`outline`)."""
+
+    path: Path
+    name: str | None
+    methods: list[str]
+    pairs: list[str]
+
+
+def _read_toml(path: Path) -> dict:
+    if not path.is_file():
+        files = {p.name: str(p) for p in path.parent.glob("*.toml")} if path.parent.is_dir() else {}
+        near = [files[n] for n in closest(path.name, files)]
+        hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+        raise SuiteError(path, "", "no such suite file" + hint)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise SuiteError(path, "", f"not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise SuiteError(path, "", "not a UTF-8 text file") from None
+
+
+def outline(path: str | Path) -> SuiteOutline:
+    """The suite's name, method names and pair names, read from the TOML
+    alone (no plugin loaded, no schema check beyond what is needed to find
+    them: :func:`parse_suite` checks the rest).  Raises :class:`SuiteError`
+    when the file is missing or is not TOML."""
+    path = Path(path)
+    raw = _read_toml(path)
+    name = raw.get("name") if isinstance(raw.get("name"), str) else None
+    methods = list(raw["methods"]) if isinstance(raw.get("methods"), dict) else []
+    pairs = []
+    for entry in raw.get("pairs", []) if isinstance(raw.get("pairs"), list) else []:
+        p = entry.get("pair") if isinstance(entry, dict) else entry
+        if isinstance(p, str):
+            pairs.append(p)
+    return SuiteOutline(path, name, methods, pairs)
 
 
 # ----------------------------------------------------------------- parsing
@@ -177,7 +297,29 @@ def _check_keys(path: Path, where: str, table: dict, allowed: set[str]) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
         prefix = f"{where}." if where else ""
-        raise SuiteError(path, prefix + unknown[0], f"unknown key; allowed keys here: {sorted(allowed)}")
+        hint = did_you_mean(unknown[0], allowed)
+        raise SuiteError(path, prefix + unknown[0],
+                         f"unknown key{'; ' + hint if hint else ''}; allowed keys here: {sorted(allowed)}")
+
+
+def _unknown_name(kind: str, name: str, available: Any, registry: Any = None, label: str | None = None) -> str:
+    """``unknown method 'dnn'; did you mean 'dann'? available: [...]``, or,
+    when a plugin said it cannot provide ``name`` here, why; a whole plugin
+    that is unavailable here is mentioned (it may be the one providing it)."""
+    notes = list(getattr(registry, "unavailable", ()) or ())
+    for u in notes:
+        if u.kind == kind and u.name == name:
+            return f"{label or kind} {name!r} is unavailable here: {u.reason}"
+    hint = did_you_mean(name, available)
+    if hint and len(available) > 15:  # a long list buries the hint
+        msg = f"unknown {label or kind} {name!r}; {hint} (`dabench list {kind}s` lists all {len(available)})"
+    else:
+        msg = f"unknown {label or kind} {name!r}{'; ' + hint if hint else ''}; available: {sorted(available)}"
+    off = sorted({u.plugin for u in notes if u.kind == "plugin"})
+    if off:
+        msg += (f" (unavailable here: plugin{'s' if len(off) > 1 else ''} {', '.join(repr(p) for p in off)}; "
+                f"`dabench list plugins` says why)")
+    return msg
 
 
 def _protocol(path: Path, where: str, table: Any, base: Protocol) -> Protocol:
@@ -230,7 +372,9 @@ def _points(path: Path, name: str, table: dict, cls: Any) -> tuple[dict[str, Any
     for k in list(fixed) + list(grid):
         if k not in hps:
             sec = "params" if k in fixed else "grid"
-            raise SuiteError(path, f"{where}.{sec}.{k}", f"method {name!r} has no such hyperparameter; declared: {sorted(hps)}")
+            hint = did_you_mean(k, hps)
+            raise SuiteError(path, f"{where}.{sec}.{k}", f"method {name!r} has no such hyperparameter"
+                                                          f"{'; ' + hint if hint else ''}; declared: {sorted(hps)}")
     for k, vals in grid.items():
         _expect(path, f"{where}.grid.{k}", vals, list, "a non-empty list of values")
         if not vals:
@@ -273,14 +417,7 @@ def _points(path: Path, name: str, table: dict, cls: Any) -> tuple[dict[str, Any
 def parse_suite(path: str | Path, registry: Any) -> Suite:
     """Read and validate a suite file against the registry's methods and datasets."""
     path = Path(path)
-    if not path.is_file():
-        raise SuiteError(path, "", "no such suite file")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise SuiteError(path, "", f"not valid TOML: {e}") from None
-    except UnicodeDecodeError:
-        raise SuiteError(path, "", "not a UTF-8 text file") from None
+    raw = _read_toml(path)
     _check_keys(path, "", raw, _TOP)
     if "name" not in raw:
         raise SuiteError(path, "name", "missing; expected a string naming the suite (used for the results folder)")
@@ -302,10 +439,10 @@ def parse_suite(path: str | Path, registry: Any) -> Suite:
 
     validator = _expect(path, "validator", raw.get("validator", "source-val"), str, "a string")
     if validator not in registry.validators:
-        raise SuiteError(path, "validator", f"unknown validator {validator!r}; available: {sorted(registry.validators)}")
+        raise SuiteError(path, "validator", _unknown_name("validator", validator, registry.validators, registry))
     backbone = _expect(path, "backbone", raw.get("backbone", "default"), str, "a string")
     if backbone not in registry.backbones:
-        raise SuiteError(path, "backbone", f"unknown backbone {backbone!r}; available: {sorted(registry.backbones)}")
+        raise SuiteError(path, "backbone", _unknown_name("backbone", backbone, registry.backbones, registry))
 
     protocol = _protocol(path, "protocol", raw.get("protocol", {}), Protocol())
     budget = _budget(path, "budget", raw.get("budget", {}), Budget())
@@ -331,7 +468,7 @@ def parse_suite(path: str | Path, registry: Any) -> Suite:
                 p_backbone = _expect(path, f"{where}.backbone", entry["backbone"], str, "a string")
                 if p_backbone not in registry.backbones:
                     raise SuiteError(path, f"{where}.backbone",
-                                     f"unknown backbone {p_backbone!r}; available: {sorted(registry.backbones)}")
+                                     _unknown_name("backbone", p_backbone, registry.backbones, registry))
             where, entry = f"{where}.pair", entry["pair"]
         pname = _expect(path, where, entry, str, '"source:target"')
         if pname.count(":") != 1:
@@ -339,7 +476,7 @@ def parse_suite(path: str | Path, registry: Any) -> Suite:
         src, tgt = pname.split(":")
         for role, d in (("source", src), ("target", tgt)):
             if d not in registry.datasets:
-                raise SuiteError(path, where, f"unknown {role} dataset {d!r}; available: {sorted(registry.datasets)}")
+                raise SuiteError(path, where, _unknown_name("dataset", d, registry.datasets, registry, f"{role} dataset"))
         s_spec, t_spec = registry.datasets[src], registry.datasets[tgt]
         if s_spec.label_space != t_spec.label_space:
             raise SuiteError(path, where, f"{src!r} ({s_spec.label_space}) and {tgt!r} ({t_spec.label_space}) have different label spaces")
@@ -363,7 +500,7 @@ def parse_suite(path: str | Path, registry: Any) -> Suite:
     methods = []
     for mname, table in methods_raw.items():
         if mname not in registry.methods:
-            raise SuiteError(path, f"methods.{mname}", f"unknown method; available: {sorted(registry.methods)}")
+            raise SuiteError(path, f"methods.{mname}", _unknown_name("method", mname, registry.methods, registry))
         _expect(path, f"methods.{mname}", table, dict, "a table")
         methods.append(MethodEntry(mname, _points(path, mname, table, registry.methods[mname])))
 

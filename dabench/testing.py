@@ -668,7 +668,7 @@ def check_failure_is_stored(cls: type[Method], ctx: _Context) -> str:
         raise CheckFailed(f"expected both runs stored as failed, got {statuses}")
     if not all(r["reason"] for r in rows):
         raise CheckFailed("a failed run was stored without a reason")
-    return f"both failing runs stored as failed ({rows[0]['reason'][:60]}...)"
+    return f"both failing runs stored as failed with their reason: {rows[0]['reason']}"
 
 
 def _torch_objects(pred: Any) -> tuple[list[Any], list[Any]]:
