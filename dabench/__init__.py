@@ -29,6 +29,8 @@ from .contract import (
 
 __version__ = "0.1.0"
 
+from . import diagnostics  # noqa: E402  (health signals: dabench.diagnostics.record)
+
 hookimpl = pluggy.HookimplMarker("dabench")
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "Predictor",
     "Task",
     "Unlabeled",
+    "diagnostics",
     "hookimpl",
     "__version__",
 ]

@@ -15,10 +15,21 @@ Registered names (``backbone = "..."`` in a suite):
 - ``"mlp"``: :func:`mlp_backbone`: the MLP on any input, images flattened.
 - ``"dann-mnist"``: :func:`dann_mnist_backbone`: the 5x5-conv CNN for any
   image size of at least 20x20.
+- ``"small-cnn"``: :func:`small_cnn_backbone`.
+- ``"default-bn"``, ``"mlp-bn"``, ``"dann-mnist-bn"``, ``"small-cnn-bn"``: the
+  same networks with batch normalisation after every convolution and hidden
+  linear layer (before the non-linearity), as in the digit networks of the
+  self-ensembling and SHOT reference code; methods that adapt normalisation
+  statistics or affine parameters (AdaBN, TENT) need one of these, and
+  methods that keep per-domain statistics (self-ensembling) use them.
+  Train-mode batch statistics depend on what is in a batch: a method that
+  forwards source and target in one concatenated batch normalises them with
+  mixed statistics, and its eval-mode running averages are of that mixture.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -30,6 +41,8 @@ __all__ = [
     "MLP_HIDDEN",
     "FEATURE_DIM",
     "default_backbone",
+    "default_bn_backbone",
+    "has_batch_norm",
     "dann_mnist_backbone",
     "mlp_backbone",
     "small_cnn_backbone",
@@ -71,8 +84,10 @@ def _check_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
-def mlp_backbone(shape: tuple[int, ...], hidden: int = MLP_HIDDEN, layers: int = 2) -> tuple[nn.Module, int]:
-    """An MLP ``d -> hidden -> ... -> hidden`` with ReLU after every layer.
+def mlp_backbone(shape: tuple[int, ...], hidden: int = MLP_HIDDEN, layers: int = 2,
+                 norm: bool = False) -> tuple[nn.Module, int]:
+    """An MLP ``d -> hidden -> ... -> hidden`` with ReLU after every layer
+    (with ``norm``, ``BatchNorm1d`` before each ReLU).
 
     Works on any shape (inputs are already flat).  ``layers`` hidden layers of
     ``hidden`` units; the output is the last hidden layer.
@@ -82,12 +97,12 @@ def mlp_backbone(shape: tuple[int, ...], hidden: int = MLP_HIDDEN, layers: int =
     mods: list[nn.Module] = []
     width = d
     for _ in range(layers):
-        mods += [nn.Linear(width, hidden), nn.ReLU()]
+        mods += [nn.Linear(width, hidden), *([nn.BatchNorm1d(hidden)] if norm else []), nn.ReLU()]
         width = hidden
     return nn.Sequential(*mods), hidden
 
 
-def dann_mnist_backbone(shape: tuple[int, ...], out_dim: int = FEATURE_DIM) -> tuple[nn.Module, int]:
+def dann_mnist_backbone(shape: tuple[int, ...], out_dim: int = FEATURE_DIM, norm: bool = False) -> tuple[nn.Module, int]:
     """The MNIST feature extractor of Ganin et al. (2016, Fig. 4):
     conv5x5-32, ReLU, maxpool 2, conv5x5-48, ReLU, maxpool 2, followed by a
     ``Linear(., out_dim)`` + ReLU bottleneck (the paper's first 100-unit
@@ -99,37 +114,59 @@ def dann_mnist_backbone(shape: tuple[int, ...], out_dim: int = FEATURE_DIM) -> t
     composition and domain statistics).  Each max-pool comes before its
     ReLU: the same function as ReLU-then-pool (ReLU is monotone), on a
     quarter of the activations.  Tensors and conv weights are channels-last.
+    With ``norm``, batch normalisation follows each convolution and the
+    bottleneck's linear layer (the ``"dann-mnist-bn"`` backbone).
     """
     shape = _check_shape(shape)
     if len(shape) != 3 or shape[1] < 20 or shape[2] < 20:
         raise ValueError(f"dann-mnist backbone needs (C, H, W) images of at least 20x20, got {shape}")
     c, h, w = shape
     h2, w2 = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
+    bn2 = (lambda n: [nn.BatchNorm2d(n)]) if norm else (lambda n: [])
+    bn1 = (lambda n: [nn.BatchNorm1d(n)]) if norm else (lambda n: [])
     net = nn.Sequential(
         _Unflatten(shape),
-        nn.Conv2d(c, 32, 5), nn.MaxPool2d(2), nn.ReLU(),
-        nn.Conv2d(32, 48, 5), nn.MaxPool2d(2), nn.ReLU(),
+        nn.Conv2d(c, 32, 5), *bn2(32), nn.MaxPool2d(2), nn.ReLU(),
+        nn.Conv2d(32, 48, 5), *bn2(48), nn.MaxPool2d(2), nn.ReLU(),
         nn.Flatten(),
-        nn.Linear(48 * h2 * w2, out_dim), nn.ReLU(),
+        nn.Linear(48 * h2 * w2, out_dim), *bn1(out_dim), nn.ReLU(),
     )
     return _channels_last(net), out_dim
 
 
-def small_cnn_backbone(shape: tuple[int, ...], out_dim: int = FEATURE_DIM) -> tuple[nn.Module, int]:
+def small_cnn_backbone(shape: tuple[int, ...], out_dim: int = FEATURE_DIM, norm: bool = False) -> tuple[nn.Module, int]:
     """A 3x3-conv net for small images (e.g. 8x8 digits): conv3x3-32, ReLU,
     maxpool 2 (when the image is at least 4x4), conv3x3-64, ReLU, flatten,
-    then ``Linear(., out_dim)`` + ReLU.  Pixels are rescaled to [-1, 1]."""
+    then ``Linear(., out_dim)`` + ReLU.  Pixels are rescaled to [-1, 1].
+    With ``norm``, batch normalisation before each ReLU."""
     shape = _check_shape(shape)
     if len(shape) != 3:
         raise ValueError(f"small-cnn backbone needs (C, H, W) images, got {shape}")
     c, h, w = shape
     pool = h >= 4 and w >= 4
-    mods: list[nn.Module] = [_Unflatten(shape), nn.Conv2d(c, 32, 3, padding=1), nn.ReLU()]
+    bn2 = [nn.BatchNorm2d(32)] if norm else []
+    mods: list[nn.Module] = [_Unflatten(shape), nn.Conv2d(c, 32, 3, padding=1), *bn2, nn.ReLU()]
     if pool:
         mods.append(nn.MaxPool2d(2))
         h, w = h // 2, w // 2
-    mods += [nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * h * w, out_dim), nn.ReLU()]
+    mods += [nn.Conv2d(32, 64, 3, padding=1), *([nn.BatchNorm2d(64)] if norm else []), nn.ReLU(), nn.Flatten(),
+             nn.Linear(64 * h * w, out_dim), *([nn.BatchNorm1d(out_dim)] if norm else []), nn.ReLU()]
     return _channels_last(nn.Sequential(*mods)), out_dim
+
+
+def default_bn_backbone(shape: tuple[int, ...]) -> tuple[nn.Module, int]:
+    """:func:`default_backbone` with batch normalisation (``"default-bn"``)."""
+    shape = _check_shape(shape)
+    if len(shape) == 3:
+        if shape[1] >= 20 and shape[2] >= 20:
+            return dann_mnist_backbone(shape, norm=True)
+        return small_cnn_backbone(shape, norm=True)
+    return mlp_backbone(shape, norm=True)
+
+
+def has_batch_norm(module: nn.Module) -> bool:
+    """Whether ``module`` contains a batch-normalisation layer."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
 def default_backbone(shape: tuple[int, ...]) -> tuple[nn.Module, int]:
@@ -154,3 +191,7 @@ def dabench_backbones(register) -> None:  # type: ignore[no-untyped-def]
     register("mlp", mlp_backbone)
     register("dann-mnist", dann_mnist_backbone)
     register("small-cnn", small_cnn_backbone)
+    register("default-bn", default_bn_backbone)
+    register("mlp-bn", functools.partial(mlp_backbone, norm=True))
+    register("dann-mnist-bn", functools.partial(dann_mnist_backbone, norm=True))
+    register("small-cnn-bn", functools.partial(small_cnn_backbone, norm=True))

@@ -144,7 +144,7 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
                 for p in reg.plugins.values()]
         rows += [{"name": e.plugin, "error": e.message} for e in reg.errors]
     else:  # suites
-        from .suite import SuiteError, parse_suite
+        from .suite import SuiteError, pair_key, parse_suite
 
         folder = Path(args.suites_dir)
         rows = []
@@ -153,7 +153,7 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
                 s = parse_suite(path, reg)
                 runs = len(s.expand(reg))
                 labels = s.pair_labels()
-                rows.append({"name": s.name, "path": str(path), "pairs": [labels[p] for p in s.pairs],
+                rows.append({"name": s.name, "path": str(path), "pairs": [labels[pair_key(p)] for p in s.pairs],
                              "methods": [m.name for m in s.methods], "seeds": len(s.seeds), "runs": runs,
                              "description": s.description})
             except SuiteError as e:
@@ -251,7 +251,7 @@ def _result_line(r: Any, with_device: bool = False) -> str:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from .suite import SuiteError, check_filters, outline, parse_suite
+    from .suite import SuiteError, check_filters, outline, pair_key, parse_suite
 
     # what the suite file itself names is checked before any plugin (or torch) loads
     try:
@@ -263,12 +263,12 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from .executors import ExecutorError, make_executor
     from .leaderboard import LeaderboardError, write_reports
     from .runner import Runner
-    from .store import RunStore, StoreError
+    from .store import RunStore, StoreError, canonical_json
     from .training import resolve_device
 
     reg = _registry(args, console)
     try:
-        full = parse_suite(args.suite, reg)
+        full = parse_suite(args.suite, reg, data_root=args.data_root)
         suite = full.restrict(_split_list(args.methods), _split_list(args.pairs), args.seeds)
     except SuiteError as e:
         console.error(str(e))
@@ -305,7 +305,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
     def label(s: Any) -> str:
         """``digits→mnist [feature_space=native, k_target=3] · dann lambda_max=1 · seed 0``"""
-        pair = pair_names.get(s.pair, s.pair.name).replace(":", "→", 1)
+        pair = pair_names.get(pair_key(s.pair), s.pair.name).replace(":", "→", 1)
         return f"{pair} · {point_names.get((s.method, s.point), s.method)} · seed {s.seed}"
 
     def on_event(kind: str, **ev: Any) -> None:
@@ -337,6 +337,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             console.info(f"      {_no_data_line(ev)}")
 
     store.set_meta("validator", suite.validator)
+    store.set_meta("published", canonical_json(full.published))
     runner = Runner(reg, store, device=device, data_root=args.data_root, on_event=on_event,
                     plugins_dir=args.plugins_dir)
     try:
@@ -362,6 +363,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             return EXIT_BAD_INPUT
     console.info(f"done in {_fmt_time(summary.wall_time_s)}: {plural(summary.ran, 'run')} ({summary.ok} ok, "
                  f"{summary.failed} failed, {summary.skipped} skipped), {summary.already_done} already stored")
+    if summary.source_models_trained or summary.source_models_reused:
+        console.info(f"shared source models: {len(summary.source_models_trained)} trained, "
+                     f"{len(summary.source_models_reused)} reused from {results / 'source-models'}")
     for p in paths.values():
         console.info(f"wrote {p}")
     if summary.lost:
@@ -493,7 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pairs", metavar="X,Y", help="only these pairs of the suite (source:target)")
     run.add_argument("--seeds", type=int, metavar="N", help="use seeds 0..N-1 instead of the suite's")
     run.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda or cuda:i (default: auto)")
-    run.add_argument("--data-root", metavar="DIR", help="where downloadable datasets live")
+    run.add_argument("--data-root", metavar="DIR",
+                     help="where downloadable datasets live, and where relative paths of a suite's "
+                          "[domains.NAME] files are looked up first (default: $DABENCH_DATA, else the "
+                          "per-user data folder)")
     run.add_argument("--retry-failed", action="store_true", help="rerun runs stored as failed")
     run.add_argument("--jobs", type=_positive_int, metavar="N",
                      help="runs computed in parallel: N worker processes (local), at most N runs in flight (ray); "

@@ -22,7 +22,7 @@ CONTRACT_VERSION = "1"
 #: Backward-compatible revisions of the contract within :data:`CONTRACT_VERSION`
 #: (new optional Task fields, new helpers).  A plugin needing revision ``r``
 #: declares ``requires_contract = "1.r"``; hosts with an older revision refuse it.
-CONTRACT_REVISION = 0
+CONTRACT_REVISION = 1
 
 #: Method families the host knows.  Plugins may use others; the leaderboard
 #: groups by this string.
@@ -44,6 +44,8 @@ REQUIREMENTS = {
     "same_feature_space": "source and target must share one input space",
     "target_labels": "needs k labelled target samples per class (suite protocol k_target > 0)",
     "oracle": "trains on the labelled target train split: a reference row (target-oracle), never ranked",
+    "source_model": ("starts from the host's shared source model (task.source_model: trained once per pair, "
+                     "seed, backbone and recipe, cached; contract 1.1)"),
 }
 
 
@@ -210,6 +212,9 @@ class Task:
     - ``n_classes``, ``device`` (a torch device string), ``seed``, ``budget``.
     - ``backbone``: ``backbone(shape) -> (torch.nn.Module, out_dim)``, a fresh
       feature extractor suited to inputs of that shape, seeded by the caller.
+    - ``source_model``: for methods requiring ``source_model``, the host's
+      trained source model (``build(device)`` gives fresh ``(encoder,
+      classifier)`` copies); None otherwise.
 
     Target *test* data and labels are not here: the host keeps them.
     """
@@ -230,6 +235,11 @@ class Task:
     #: ``oracle`` requirement (the target-oracle reference row).  These are
     #: target *train* labels; the target *test* split is never in a Task.
     target_train_labels: np.ndarray | None = field(default=None, repr=False)
+    #: The host's shared source model (a :class:`dabench.source_model.SourceModel`:
+    #: ``build(device) -> (encoder, classifier)`` gives fresh trained copies),
+    #: given only to methods that declare the ``source_model`` requirement
+    #: (contract revision 1.1); None otherwise.
+    source_model: Any = field(default=None, repr=False)
 
     @property
     def source_dim(self) -> int:

@@ -205,6 +205,7 @@ class WorkerConfig:
     plugins_dir: str | None = None
     data_root: str | None = None
     threads: int | None = None  # torch intra-op threads; None: torch's default (not used by dabench's executors)
+    source_model_dir: str | None = None  # the shared source-model cache of the driver's runner
 
     @classmethod
     def of(cls, runner: "Runner", threads: int | None = None) -> "WorkerConfig":
@@ -212,6 +213,7 @@ class WorkerConfig:
             plugins_dir=None if runner.plugins_dir is None else str(runner.plugins_dir),
             data_root=None if runner.data_root is None else str(runner.data_root),
             threads=threads,
+            source_model_dir=None if runner.source_model_dir is None else str(runner.source_model_dir),
         )
 
 
@@ -280,7 +282,7 @@ def worker_runner(config: WorkerConfig) -> "Runner":
         for err in registry.errors:
             log.warning("%s", err)
         runner = Runner(registry, store=None, device="cpu", data_root=config.data_root,
-                        plugins_dir=config.plugins_dir)
+                        plugins_dir=config.plugins_dir, source_model_dir=config.source_model_dir)
         _WORKER_RUNNERS[config] = runner
     return runner
 

@@ -36,6 +36,7 @@ Rules (see DESIGN.md, "Leaderboards and negative transfer"):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -138,6 +139,8 @@ class Leaderboard:
     nt_test: Mapping[str, Any] = field(default_factory=dict)
     #: how well the label-free warning predicts the labelled verdict
     warning_eval: Mapping[str, Any] = field(default_factory=dict)
+    #: published numbers the suite cites (see :mod:`dabench.published`)
+    published: Sequence[Mapping[str, Any]] = ()
 
     def cell(self, method: str, pair: str) -> dict[str, Any]:
         """The cell of ``method`` on ``pair`` as a dict (KeyError when absent)."""
@@ -827,14 +830,18 @@ def build_leaderboard(
     store = RunStore(store_folder, create=False)
     try:
         rows = store.rows()
+        published = _json_obj(store.get_meta("published")) or []
     finally:
         store.close()
     if keys is not None:
         wanted = set(keys)
         rows = [r for r in rows if r["key"] in wanted]
-    return compute_leaderboard(
+    board = compute_leaderboard(
         rows, validator, reference_method=reference_method, oracle_method=oracle_method, suite=suite
     )
+    if isinstance(published, list) and published:
+        board = dataclasses.replace(board, published=tuple(published))
+    return board
 
 
 # ---------------------------------------------------------------- renderers
@@ -1157,6 +1164,9 @@ def to_markdown(board: Leaderboard) -> str:
     out += _md_warning(board)
     out += _md_selection(board)
 
+    from .published import to_markdown as published_md
+
+    out += published_md(board)
     out += ["", "## Cost per run", "", "Mean over ok runs of every hyperparameter point.", ""]
     rows = [
         [_method_label(board, r), str(int(r["n_ok"])), _num(r["wall_time_s_mean"], ".2f"),
@@ -1213,7 +1223,10 @@ def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def to_json(board: Leaderboard) -> str:
-    """Every number and flag of the board as JSON (fractions; NaN -> null)."""
+    """Every number and flag of the board as JSON (fractions; NaN -> null;
+    the published comparison in percent)."""
+    from .published import comparison as published_comparison
+
     doc = {
         "format": "dabench-leaderboard",
         "format_version": JSON_FORMAT_VERSION,
@@ -1232,6 +1245,7 @@ def to_json(board: Leaderboard) -> str:
         "selection": _records(board.selection) if board.selection is not None else [],
         "negative_transfer_test": _plain_tree(board.nt_test),
         "warning_evaluation": _plain_tree(board.warning_eval),
+        "published": _plain_tree(published_comparison(board)),
     }
     return json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 

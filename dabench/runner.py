@@ -59,6 +59,10 @@ class RunResult:
     #: the pair's data is missing or fails its checks (a DataError): the run
     #: is reported but not stored, so that it runs once the data is there
     data_error: bool = False
+    #: the shared source model the run used (methods requiring "source_model")
+    source_model: Any = None  # dabench.source_model.SourceModelInfo
+    #: health signals the method recorded (dabench.diagnostics)
+    diagnostics: dict[str, float | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -71,6 +75,9 @@ class Summary:
     skipped: int = 0
     lost: int = 0  # runs whose worker died: not stored, a rerun computes them
     no_data: int = 0  # runs whose data is missing: not stored (see ``missing_data``)
+    #: shared source models trained by this sweep / reused from the cache (distinct keys)
+    source_models_trained: set[str] = field(default_factory=set)
+    source_models_reused: set[str] = field(default_factory=set)
     #: the distinct data errors, each with the pairs it stopped
     missing_data: dict[str, list[str]] = field(default_factory=dict)
     wall_time_s: float = 0.0
@@ -265,7 +272,8 @@ class Runner:
     def __init__(self, registry: Registry, store: RunStore | None, device: str = "cpu",
                  data_root: str | Path | None = None,
                  on_event: Callable[..., None] | None = None,
-                 plugins_dir: str | Path | None = None) -> None:
+                 plugins_dir: str | Path | None = None,
+                 source_model_dir: str | Path | None = None) -> None:
         self.registry = registry
         self.store = store
         self.device = device
@@ -273,22 +281,27 @@ class Runner:
         #: where the registry's extra plugins came from: worker processes
         #: (pool, Ray) rebuild the same registry from it
         self.plugins_dir = Path(plugins_dir) if plugins_dir else None
+        #: the cache of shared source models (default: ``source-models/`` in
+        #: the store's folder; None without a store: trained, not cached)
+        if source_model_dir is None and store is not None:
+            source_model_dir = Path(store.folder) / "source-models"
+        self.source_model_dir = Path(source_model_dir) if source_model_dir else None
         self.on_event = on_event or (lambda *a, **k: None)
         self._split_cache: dict[tuple, PairSplit] = {}
         self._load = lru_cache(maxsize=16)(self._load_domain)
 
-    def _load_domain(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        spec: DomainSpec = self.registry.datasets[name]
+    def _load_domain(self, spec: DomainSpec) -> tuple[np.ndarray, np.ndarray]:
         return check_domain_arrays(spec, *spec.load(self.data_root))
 
     def split(self, spec: RunSpec) -> PairSplit:
-        key = (spec.pair.name, canonical_json(spec.pair.protocol.as_dict()), spec.seed)
+        key = (spec.pair.name, canonical_json(spec.pair.protocol.as_dict()), spec.seed,
+               canonical_json(spec.pair.fingerprints()))
         if key not in self._split_cache:
             self._split_cache.clear()  # runs are ordered by pair and seed: keep one
             p = spec.pair
+            s_spec, t_spec = p.domain(p.source, self.registry), p.domain(p.target, self.registry)
             self._split_cache[key] = make_split(
-                p.name, self.registry.datasets[p.source], self.registry.datasets[p.target],
-                self._load(p.source), self._load(p.target), spec.seed, p.protocol,
+                p.name, s_spec, t_spec, self._load(s_spec), self._load(t_spec), spec.seed, p.protocol,
             )
         return self._split_cache[key]
 
@@ -314,6 +327,26 @@ class Runner:
         reason = cls.skip(task)
         if reason:
             return RunResult(spec, "skipped", reason, device=device)
+        sm_info = None
+        if "source_model" in cls.requires:
+            from .source_model import attach_source_model, cache_identity
+
+            t_sm = time.perf_counter()
+            try:
+                recipe = spec.source_recipe or spec.pair.source_recipe.resolved(spec.pair.budget.steps,
+                                                                                spec.pair.budget.batch_size)
+                ident = cache_identity(pair=spec.pair.name, protocol=spec.pair.protocol.as_dict(),
+                                       fingerprints=spec.pair.fingerprints(), seed=spec.seed,
+                                       backbone=spec.backbone, shape=task.source_shape, n_classes=task.n_classes,
+                                       recipe=recipe, device=device)
+                task, sm_info = attach_source_model(task, recipe=recipe, identity=ident,
+                                                    cache_dir=self.source_model_dir)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:
+                log.debug("source model for %s failed:\n%s", spec.key, traceback.format_exc())
+                return RunResult(spec, "failed", f"source model: {_reason(exc)}",
+                                 wall_time_s=time.perf_counter() - t_sm, device=device)
         cuda = device.startswith("cuda")
         import torch
 
@@ -322,10 +355,13 @@ class Runner:
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
+        from . import diagnostics
+
         try:
             seed_everything(spec.seed)
             method = cls(**spec.params)
-            predictor = method.fit(task)
+            with diagnostics.collect() as diag:
+                predictor = method.fit(task)
             wall = time.perf_counter() - t0
             metrics, scores = evaluate(predictor, split, task, self.registry.validators)
         except KeyboardInterrupt:
@@ -333,12 +369,18 @@ class Runner:
         except Exception as exc:
             log.debug("run %s failed:\n%s", spec.key, traceback.format_exc())
             return RunResult(spec, "failed", _reason(exc), wall_time_s=time.perf_counter() - t0,
-                             peak_mem_mb=_peak_rss_mb(), device=device, **settings)
+                             peak_mem_mb=_peak_rss_mb(), device=device, source_model=sm_info, **settings)
+        for name, value in diag.items():
+            scores.extras[f"diag_{name}"] = value
+        if sm_info is not None:
+            scores.extras["source_model"] = sm_info.key
+            if sm_info.source_val_acc is not None:
+                scores.extras["source_model_val_acc"] = sm_info.source_val_acc
         peak = _peak_rss_mb()
         if cuda:
             peak = torch.cuda.max_memory_allocated(device) / 2**20
         return RunResult(spec, "ok", None, metrics["target_acc"], metrics["target_f1"], metrics.get("source_acc"),
-                         scores, wall, peak, device, **settings)
+                         scores, wall, peak, device, source_model=sm_info, diagnostics=dict(diag), **settings)
 
     def record(self, r: RunResult, started: str) -> dict[str, Any]:
         s = r.spec
@@ -411,6 +453,13 @@ class Runner:
                 continue
             rec = self.record(result, started.get(spec.key) or datetime.now(timezone.utc).isoformat(timespec="seconds"))
             self.store.write(rec, result.scores)
+            sm = result.source_model
+            if sm is not None:
+                if sm.trained:
+                    self.store.add_source_model(sm, trained_by=spec.key)
+                    summary.source_models_trained.add(sm.key)
+                elif sm.key not in summary.source_models_trained:
+                    summary.source_models_reused.add(sm.key)
             summary.ran += 1
             setattr(summary, result.status, getattr(summary, result.status) + 1)
             hook_rec = dict(rec, **{f"val_{k}": v for k, v in result.scores.items()})

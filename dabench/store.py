@@ -11,7 +11,9 @@ Rows are scalar (no blobs); hyperparameters, protocol and budget are stored
 as canonical JSON text.
 
 Tables: ``runs`` (one row per run), ``scores`` (one row per run and
-validator) and ``extras`` (label-free per-run statistics the leaderboard's
+validator), ``source_models`` (one row per shared source model a sweep
+trained: pair, seed, backbone, recipe, source validation accuracy; see
+:mod:`dabench.source_model`) and ``extras`` (label-free per-run statistics the leaderboard's
 negative-transfer warning uses, one small row per run and name: a number in
 ``value`` or a short text in ``text``, e.g. the predicted target class
 prior, or the predicted classes of the first target points).  ``extras``
@@ -130,6 +132,11 @@ class RunStore:
                 "CREATE TABLE IF NOT EXISTS extras (key TEXT NOT NULL REFERENCES runs(key) ON DELETE CASCADE, "
                 "name TEXT NOT NULL, value REAL, text TEXT, PRIMARY KEY (key, name))"
             )
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS source_models (key TEXT PRIMARY KEY, pair TEXT NOT NULL, "
+                "seed INTEGER NOT NULL, backbone TEXT NOT NULL, recipe TEXT NOT NULL, identity TEXT NOT NULL, "
+                "source_val_acc REAL, wall_time_s REAL, trained_by TEXT, trained_at TEXT)"
+            )
             row = con.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
             if row is None:
                 con.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -226,6 +233,28 @@ class RunStore:
                     v = float(value) if value is not None and math.isfinite(float(value)) else None
                     row = (record["key"], str(name), v, None)
                 con.execute("INSERT INTO extras (key, name, value, text) VALUES (?, ?, ?, ?)", row)
+
+    def add_source_model(self, info: Any, trained_by: str | None = None) -> None:
+        """Record that a shared source model (a
+        :class:`dabench.source_model.SourceModelInfo`) was trained; one row per
+        cache key (a model retrained after its cache entry was lost updates it)."""
+        from datetime import datetime, timezone
+
+        ident = info.identity
+        with self.transaction() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO source_models (key, pair, seed, backbone, recipe, identity, source_val_acc, "
+                "wall_time_s, trained_by, trained_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (info.key, ident["pair"], int(ident["seed"]), ident["backbone"], canonical_json(ident["recipe"]),
+                 canonical_json(ident), info.source_val_acc, info.wall_time_s, trained_by,
+                 datetime.now(timezone.utc).isoformat(timespec="seconds")))
+
+    def source_models(self) -> list[dict[str, Any]]:
+        """Every shared source model this store's sweeps trained."""
+        cur = self._con.execute("SELECT key, pair, seed, backbone, recipe, source_val_acc, wall_time_s, trained_by, "
+                                "trained_at FROM source_models ORDER BY pair, seed, backbone")
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r)) for r in cur.fetchall()]
 
     def delete(self, keys: Iterable[str]) -> int:
         keys = list(keys)

@@ -20,10 +20,31 @@ missing field or a wrong type is an error naming the file and the key)::
     max_source = 4000                   # cap on samples per domain (optional)
     max_target = 4000
     training = "end-to-end"             # or "head": domains are cached backbone features
+    standardize = "source"              # vector inputs: per-feature mean/std of the source
+                                        # train split ("none": as loaded); images untouched
+    resize = "bilinear"                 # smaller images to the shared shape: "bilinear" or
+                                        # "pad" (zero-pad, centred, at their own scale)
 
     [budget]                            # optional; defaults shown
     steps = 1000
     batch_size = 64
+
+    [source_model]                      # optional: the host's shared source model
+    lr = 0.01                           # (dabench.source_model; also per pair:
+    weight_decay = 5e-4                 #  { pair = "...", source_model = { steps = 3000 } })
+    steps = 1000                        # default: the pair's budget
+    batch_size = 64                     # default: the pair's budget
+
+    [[published]]                       # optional: published numbers the report compares with
+    pair = "mnist:mnistm"               # (dabench.published)
+    method = "dann"
+    accuracy = 76.66
+    source = "Ganin et al., JMLR 2016, Table 2"
+
+    [domains.NAME]                      # optional: a domain from a file (dabench.data.files)
+    path = "usps.npz"
+    format = "npz"
+    label_space = "digits10"
 
     [methods.source-only]               # one table per method (may be empty)
     [methods.dann]
@@ -47,8 +68,10 @@ from typing import Any
 import numpy as np
 
 from .contract import CONTRACT_VERSION, Budget, ContractError
-from .data.core import Protocol
+from .data.core import DomainSpec, Protocol
+from .data.files import DomainTableError, parse_domain_table
 from .names import closest, did_you_mean
+from .source_model import SourceRecipe
 from .store import canonical_json, run_key
 
 
@@ -68,6 +91,25 @@ class PairEntry:
     protocol: Protocol
     budget: Budget
     backbone: str | None = None  # overrides the suite's backbone for this pair
+    #: how the host trains this pair's shared source model (``[source_model]``)
+    source_recipe: SourceRecipe = SourceRecipe()
+    #: the pair's domains declared in the suite's ``[domains.NAME]`` tables
+    #: (not registered by a plugin): they travel with the run to workers
+    file_domains: tuple[DomainSpec, ...] = ()
+
+    def domain(self, name: str, registry: Any) -> DomainSpec:
+        """The spec of domain ``name`` of this pair: the suite's own, else the registry's."""
+        for d in self.file_domains:
+            if d.name == name:
+                return d
+        return registry.datasets[name]
+
+    def fingerprints(self) -> dict[str, str] | None:
+        """Data digests of the pair's domains that have one (see
+        :attr:`DomainSpec.fingerprint`), for the run key; None when none has."""
+        fps = {role: d.fingerprint for role, name in (("source", self.source), ("target", self.target))
+               for d in self.file_domains if d.name == name and d.fingerprint}
+        return fps or None
 
 
 @dataclass(frozen=True)
@@ -86,13 +128,24 @@ class RunSpec:
     point: int
     seed: int
     backbone: str
+    #: the resolved source-model recipe when the method starts from the
+    #: host's source model (``requires = {"source_model"}``), else None
+    source_recipe: dict[str, Any] | None = None
 
     @property
     def key(self) -> str:
         """sha256 of what changes the result: method + version + params, pair,
         seed, protocol, budget, backbone and the contract version.  The suite
-        name and the device are not part of it."""
-        return run_key(
+        name and the device are not part of it.  Pairs with domains from
+        files add the files' digests (so edited data is recomputed); other
+        keys are unchanged by that field's existence."""
+        extra = {}
+        fps = self.pair.fingerprints()
+        if fps:
+            extra["data"] = fps
+        if self.source_recipe is not None:
+            extra["source_model"] = self.source_recipe
+        return run_key(**extra,
             method=self.method,
             method_version=self.method_version,
             params=self.params,
@@ -116,6 +169,8 @@ class Suite:
     pairs: list[PairEntry]
     methods: list[MethodEntry]
     raw: dict = field(repr=False, default_factory=dict)
+    #: published results the suite cites (``[[published]]``; see :mod:`dabench.published`)
+    published: list[dict[str, Any]] = field(default_factory=list)
 
     def expand(self, registry: Any) -> list[RunSpec]:
         """Every run of the suite, in a stable order (pair, seed, method, point)."""
@@ -123,17 +178,21 @@ class Suite:
         for pair in self.pairs:
             for seed in self.seeds:
                 for m in self.methods:
-                    version = str(registry.methods[m.name].version)
+                    cls = registry.methods[m.name]
+                    version = str(cls.version)
+                    recipe = (pair.source_recipe.resolved(pair.budget.steps, pair.budget.batch_size)
+                              if "source_model" in cls.requires else None)
                     for i, params in enumerate(m.points):
                         specs.append(RunSpec(self.name, pair, m.name, version, params, i, seed,
-                                             pair.backbone or self.backbone))
+                                             pair.backbone or self.backbone, recipe))
         return specs
 
-    def pair_labels(self) -> dict[PairEntry, str]:
-        """Each pair entry's name, made unique where one pair is listed under
-        several protocols: ``digits:mnist [feature_space=native, k_target=3]``
-        (the protocol keys that differ; else also the budget and backbone),
-        as the leaderboard names its columns."""
+    def pair_labels(self) -> dict[tuple, str]:
+        """Each pair entry's name (keyed by :func:`pair_key`), made unique
+        where one pair is listed under several protocols: ``digits:mnist
+        [feature_space=native, k_target=3]`` (the protocol keys that differ;
+        else also the budget and backbone), as the leaderboard names its
+        columns."""
         return variant_labels(self.pairs, self.backbone)
 
     def point_labels(self) -> dict[tuple[str, int], str]:
@@ -175,13 +234,19 @@ def _differing(variant: dict[str, Any], others: list[dict[str, Any]]) -> str:
     return ", ".join(f"{k}={_fmt_value(variant[k])}" for k in keys)
 
 
-def variant_labels(pairs: list[PairEntry], backbone: str = "default") -> dict[PairEntry, str]:
+def pair_key(e: PairEntry) -> tuple:
+    """What tells apart the entries of a suite's ``pairs`` list (a value, so
+    a run spec sent to a worker and back still finds its label)."""
+    return (e.name, canonical_json(e.protocol.as_dict()), e.budget.steps, e.budget.batch_size, e.backbone)
+
+
+def variant_labels(pairs: list[PairEntry], backbone: str = "default") -> dict[tuple, str]:
     """See :meth:`Suite.pair_labels`."""
-    out: dict[PairEntry, str] = {}
+    out: dict[tuple, str] = {}
     for p in pairs:
-        same = [q for q in pairs if q.name == p.name and q != p]
+        same = [q for q in pairs if q.name == p.name and pair_key(q) != pair_key(p)]
         if not same:
-            out[p] = p.name
+            out[pair_key(p)] = p.name
             continue
 
         def proto(e: PairEntry) -> dict[str, Any]:
@@ -192,7 +257,7 @@ def variant_labels(pairs: list[PairEntry], backbone: str = "default") -> dict[Pa
                         backbone=e.backbone or backbone)
 
         suffix = _differing(proto(p), [proto(q) for q in same]) or _differing(everything(p), [everything(q) for q in same])
-        out[p] = f"{p.name} [{suffix}]" if suffix else p.name
+        out[pair_key(p)] = f"{p.name} [{suffix}]" if suffix else p.name
     return out
 
 
@@ -273,10 +338,12 @@ def outline(path: str | Path) -> SuiteOutline:
 
 # ----------------------------------------------------------------- parsing
 
-_TOP = {"name", "description", "seeds", "validator", "backbone", "pairs", "protocol", "budget", "methods"}
-_PROTOCOL = {"k_target", "feature_space", "max_source", "max_target", "training"}
+_TOP = {"name", "description", "seeds", "validator", "backbone", "pairs", "protocol", "budget", "methods",
+        "domains", "source_model", "published"}
+_PROTOCOL = {"k_target", "feature_space", "max_source", "max_target", "training", "standardize", "resize"}
 TRAINING_PROTOCOLS = ("end-to-end", "head")
 _BUDGET = {"steps", "batch_size"}
+_SOURCE_MODEL = {"steps", "batch_size", "lr", "weight_decay"}
 _METHOD = {"params", "grid", "random"}
 
 
@@ -341,6 +408,16 @@ def _protocol(path: Path, where: str, table: Any, base: Protocol) -> Protocol:
         if tr not in TRAINING_PROTOCOLS:
             raise SuiteError(path, f"{where}.training", f'expected "end-to-end" or "head", got {tr!r}')
         kw["training"] = tr
+    if "resize" in table:
+        rs = _expect(path, f"{where}.resize", table["resize"], str, '"bilinear" or "pad"')
+        if rs not in ("bilinear", "pad"):
+            raise SuiteError(path, f"{where}.resize", f'expected "bilinear" or "pad", got {rs!r}')
+        kw["resize"] = rs
+    if "standardize" in table:
+        st = _expect(path, f"{where}.standardize", table["standardize"], str, '"source" or "none"')
+        if st not in ("source", "none"):
+            raise SuiteError(path, f"{where}.standardize", f'expected "source" or "none", got {st!r}')
+        kw["standardize"] = st
     for cap in ("max_source", "max_target"):
         if cap in table:
             v = _expect(path, f"{where}.{cap}", table[cap], int, "a positive integer")
@@ -361,6 +438,25 @@ def _budget(path: Path, where: str, table: Any, base: Budget) -> Budget:
                 raise SuiteError(path, f"{where}.{k}", "expected a positive integer")
             kw[k] = v
     return Budget(**kw)
+
+
+def _source_recipe(path: Path, where: str, table: Any, base: SourceRecipe) -> SourceRecipe:
+    _expect(path, where, table, dict, "a table")
+    _check_keys(path, where, table, _SOURCE_MODEL)
+    kw = base.__dict__.copy()
+    for k in ("steps", "batch_size"):
+        if k in table:
+            v = _expect(path, f"{where}.{k}", table[k], int, "a positive integer")
+            if v < 1:
+                raise SuiteError(path, f"{where}.{k}", "expected a positive integer")
+            kw[k] = v
+    for k, lo, hi in (("lr", 1e-6, 10.0), ("weight_decay", 0.0, 1.0)):
+        if k in table:
+            v = _expect(path, f"{where}.{k}", table[k], (int, float), "a number")
+            if not (lo <= float(v) <= hi):
+                raise SuiteError(path, f"{where}.{k}", f"expected a number in [{lo}, {hi}], got {v!r}")
+            kw[k] = float(v)
+    return SourceRecipe(**kw)
 
 
 def _points(path: Path, name: str, table: dict, cls: Any) -> tuple[dict[str, Any], ...]:
@@ -414,8 +510,27 @@ def _points(path: Path, name: str, table: dict, cls: Any) -> tuple[dict[str, Any
     return tuple(unique)
 
 
-def parse_suite(path: str | Path, registry: Any) -> Suite:
-    """Read and validate a suite file against the registry's methods and datasets."""
+def _domains(path: Path, raw: Any, registry: Any, data_root: str | Path | None) -> dict[str, DomainSpec]:
+    """The suite's ``[domains.NAME]`` tables as specs (see :mod:`dabench.data.files`)."""
+    from .data.download import resolve_data_root
+
+    tables = _expect(path, "domains", raw, dict, "a table of [domains.NAME] tables")
+    root = resolve_data_root(data_root).path
+    out: dict[str, DomainSpec] = {}
+    for name, table in tables.items():
+        try:
+            out[name] = parse_domain_table(name, table, suite_dir=path.resolve().parent, data_root=root,
+                                           registered=registry.datasets)
+        except DomainTableError as e:
+            raise SuiteError(path, f"domains.{name}" + (f".{e.key}" if e.key else ""), e.message) from None
+    return out
+
+
+def parse_suite(path: str | Path, registry: Any, data_root: str | Path | None = None) -> Suite:
+    """Read and validate a suite file against the registry's methods and
+    datasets.  ``data_root`` (``--data-root``; default ``$DABENCH_DATA``, then
+    the per-user data folder) is where relative paths of ``[domains.NAME]``
+    files are looked up first, before the suite's folder."""
     path = Path(path)
     raw = _read_toml(path)
     _check_keys(path, "", raw, _TOP)
@@ -444,8 +559,12 @@ def parse_suite(path: str | Path, registry: Any) -> Suite:
     if backbone not in registry.backbones:
         raise SuiteError(path, "backbone", _unknown_name("backbone", backbone, registry.backbones, registry))
 
+    domains = _domains(path, raw.get("domains", {}), registry, data_root)
+    datasets = {**registry.datasets, **domains}
+
     protocol = _protocol(path, "protocol", raw.get("protocol", {}), Protocol())
     budget = _budget(path, "budget", raw.get("budget", {}), Budget())
+    recipe = _source_recipe(path, "source_model", raw.get("source_model", {}), SourceRecipe())
 
     if "pairs" not in raw:
         raise SuiteError(path, "pairs", 'missing; expected a list like ["moons:moons-rot35"]')
@@ -455,15 +574,17 @@ def parse_suite(path: str | Path, registry: Any) -> Suite:
     pairs: list[PairEntry] = []
     for i, entry in enumerate(pairs_raw):
         where = f"pairs[{i}]"
-        p_proto, p_budget, p_backbone = protocol, budget, None
+        p_proto, p_budget, p_backbone, p_recipe = protocol, budget, None, recipe
         if isinstance(entry, dict):
-            _check_keys(path, where, entry, {"pair", "protocol", "budget", "backbone"})
+            _check_keys(path, where, entry, {"pair", "protocol", "budget", "backbone", "source_model"})
             if "pair" not in entry:
                 raise SuiteError(path, f"{where}.pair", 'missing; expected "source:target"')
             if "protocol" in entry:
                 p_proto = _protocol(path, f"{where}.protocol", entry["protocol"], protocol)
             if "budget" in entry:
                 p_budget = _budget(path, f"{where}.budget", entry["budget"], budget)
+            if "source_model" in entry:
+                p_recipe = _source_recipe(path, f"{where}.source_model", entry["source_model"], recipe)
             if "backbone" in entry:
                 p_backbone = _expect(path, f"{where}.backbone", entry["backbone"], str, "a string")
                 if p_backbone not in registry.backbones:
@@ -475,9 +596,10 @@ def parse_suite(path: str | Path, registry: Any) -> Suite:
             raise SuiteError(path, where, f'expected "source:target", got {pname!r}')
         src, tgt = pname.split(":")
         for role, d in (("source", src), ("target", tgt)):
-            if d not in registry.datasets:
-                raise SuiteError(path, where, _unknown_name("dataset", d, registry.datasets, registry, f"{role} dataset"))
-        s_spec, t_spec = registry.datasets[src], registry.datasets[tgt]
+            if d not in datasets:
+                raise SuiteError(path, where, _unknown_name("dataset", d, datasets, registry, f"{role} dataset")
+                                 + f" (or declare it in a [domains.{d}] table)")
+        s_spec, t_spec = datasets[src], datasets[tgt]
         if s_spec.label_space != t_spec.label_space:
             raise SuiteError(path, where, f"{src!r} ({s_spec.label_space}) and {tgt!r} ({t_spec.label_space}) have different label spaces")
         feats = {getattr(s_spec, "features", None), getattr(t_spec, "features", None)} - {None}
@@ -490,7 +612,8 @@ def parse_suite(path: str | Path, registry: Any) -> Suite:
                                           f'in [protocol] (the backbone cannot be fine-tuned through cached features)')
         if any(p.name == pname and p.protocol == p_proto and p.backbone == p_backbone for p in pairs):
             raise SuiteError(path, where, f"pair {pname!r} is listed twice")
-        pairs.append(PairEntry(pname, src, tgt, p_proto, p_budget, p_backbone))
+        own = tuple(domains[d] for d in dict.fromkeys((src, tgt)) if d in domains)
+        pairs.append(PairEntry(pname, src, tgt, p_proto, p_budget, p_backbone, p_recipe, own))
 
     if "methods" not in raw:
         raise SuiteError(path, "methods", "missing; expected a table per method, e.g. [methods.source-only]")
@@ -504,4 +627,12 @@ def parse_suite(path: str | Path, registry: Any) -> Suite:
         _expect(path, f"methods.{mname}", table, dict, "a table")
         methods.append(MethodEntry(mname, _points(path, mname, table, registry.methods[mname])))
 
-    return Suite(path, name, description, seeds, validator, backbone, pairs, methods, raw)
+    published: list[dict[str, Any]] = []
+    if "published" in raw:
+        from .published import PublishedError, parse_published
+
+        try:
+            published = parse_published(raw["published"], [p.name for p in pairs], [m.name for m in methods])
+        except PublishedError as e:
+            raise SuiteError(path, e.key, e.message) from None
+    return Suite(path, name, description, seeds, validator, backbone, pairs, methods, raw, published)

@@ -190,10 +190,16 @@ def _split(tiny: TinyTask, seed: int):
                       check_domain_arrays(tgt, *tgt.load(None)), seed=seed, protocol=tiny.protocol())
 
 
-def _task(cls: type[Method], tiny: TinyTask, seed: int = 0, device: str = "cpu") -> Task:
+def _task(cls: type[Method], tiny: TinyTask, seed: int = 0, device: str = "cpu",
+          source_model: bool = True) -> Task:
     split = _split(tiny, seed)
-    return split.task(seed=seed, device=device, budget=Budget(tiny.steps, tiny.batch_size),
+    task = split.task(seed=seed, device=device, budget=Budget(tiny.steps, tiny.batch_size),
                       backbone=_kit_registry().backbones["default"], oracle="oracle" in cls.requires)
+    if source_model and "source_model" in cls.requires and cls.skip(task) is None:
+        from .source_model import with_source_model
+
+        task = with_source_model(task)  # as the host hands it: trained on the source, a fresh copy
+    return task
 
 
 def choose_task(cls: type[Method]) -> TinyTask:
@@ -201,7 +207,7 @@ def choose_task(cls: type[Method]) -> TinyTask:
     reasons = []
     for tiny in TINY_TASKS:
         try:
-            reason = cls.skip(_task(cls, tiny))
+            reason = cls.skip(_task(cls, tiny, source_model=False))
         except Exception as exc:
             raise CheckFailed(f"{cls.__name__}.skip(task) raised {_exc_line(exc)}: "
                               "skip must return a reason string or None, never raise") from exc
@@ -621,6 +627,7 @@ def check_failure_is_stored(cls: type[Method], ctx: _Context) -> str:
                 target_train=_Poison("target_train"),
                 target_labeled=None if task.target_labeled is None else _Poison("target_labeled"),
                 target_train_labels=None if task.target_train_labels is None else _Poison("target_train_labels"),
+                source_model=None if task.source_model is None else _Poison("source_model"),
             )
             return super().fit(poisoned)
 

@@ -1,49 +1,43 @@
-"""Source-only baseline: the shared network trained on labelled source data.
+"""Source-only baseline: the host's shared source model, evaluated as is.
 
-The lower reference every adaptation method must beat.  The network, the
-optimiser and the schedule are those of the ``dann`` plugin with the
-adaptation term removed, so "DANN minus source-only" measures adaptation
-alone:
+The lower reference every adaptation method must beat.  The model is the
+one the host trains once per (pair, seed, backbone, recipe) and hands to
+every method that starts from a source model (CBST, self-ensembling, CAN,
+source-free and test-time methods; see :mod:`dabench.source_model`), so
+"method minus source-only" measures what the method added to that very
+model.  Its recipe is the suite's ``[source_model]`` table:
 
 - feature extractor ``task.backbone(task.source_shape)`` and a linear
-  classifier on top, cross-entropy on source batches;
-- ``task.budget.steps`` steps of SGD (momentum 0.9) on batches of
-  ``task.budget.batch_size`` source samples, learning rate annealed as in
-  Ganin et al. (2016), ``mu_p = lr / (1 + 10 p) ** 0.75`` with ``p`` the
-  training progress in [0, 1].
+  classifier on top, cross-entropy on labelled source batches;
+- ``steps`` SGD steps (momentum 0.9, weight decay) on batches of
+  ``batch_size`` source samples (default: the pair's budget), learning rate
+  annealed as in Ganin et al. (2016), ``mu_p = lr / (1 + 10 p) ** 0.75``
+  with ``p`` the training progress in [0, 1].
+
+The DANN plugin trains the same network with the same optimiser and
+schedule plus its adversarial term, so "DANN minus source-only" measures
+adaptation alone when both use the same budget and learning rate.
 """
 
 from __future__ import annotations
 
-from torch import nn
-
-from dabench import Float, Method, Task, hookimpl
-from dabench.training import TorchPredictor, fit_supervised, resolve_device, seed_everything, stream_seed
+from dabench import Method, Task, hookimpl
+from dabench.training import TorchPredictor
 
 
 class SourceOnly(Method):
-    """Train on labelled source data only; apply the model to the target as is."""
+    """The shared source model (trained on labelled source data only), applied to the target as is."""
 
     name = "source-only"
     family = "baseline"
-    version = "1"
-    requires = frozenset({"same_feature_space"})
+    version = "2"
+    requires = frozenset({"same_feature_space", "source_model"})
+    requires_contract = "1.1"
     paper = "No adaptation; the lower reference of Ganin et al., JMLR 17(59), 2016 (Table 2, 'Source only')"
-    hyperparameters = {
-        "lr": Float(0.01, 1e-3, 0.1, log=True, help="initial SGD learning rate mu0 (annealed)"),
-        "weight_decay": Float(5e-4, 1e-6, 1e-2, log=True, help="L2 weight decay"),
-    }
+    hyperparameters: dict = {}
 
     def fit(self, task: Task) -> TorchPredictor:
-        seed_everything(task.seed)
-        device = resolve_device(task.device)
-        encoder, dim = task.backbone(task.source_shape)
-        classifier = nn.Linear(dim, task.n_classes)
-        fit_supervised(encoder, classifier, task.source_train.X, task.source_train.y,
-                       steps=task.budget.steps, batch_size=task.budget.batch_size,
-                       lr=self.lr, weight_decay=self.weight_decay, device=device,
-                       seed=stream_seed(task.seed, 1))
-        return TorchPredictor(encoder, classifier, device)
+        return task.source_model.predictor(task.device)
 
 
 @hookimpl

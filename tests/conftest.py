@@ -47,8 +47,10 @@ batch_size = 32
 
 
 def make_task(registry, pair: str = "moons:moons-rot35", *, seed: int = 0, steps: int = 50,
-              batch_size: int = 32, oracle: bool = False, **protocol):
-    """(task, split) for an embedded ``pair``, built as the runner builds them."""
+              batch_size: int = 32, oracle: bool = False, source_lr: float | None = None, **protocol):
+    """(task, split) for an embedded ``pair``, built as the runner builds them;
+    with ``source_lr`` the task carries a shared source model trained at that
+    learning rate for ``steps`` steps (as the host gives methods requiring one)."""
     from dabench.contract import Budget
     from dabench.data.core import Protocol, make_split
 
@@ -58,4 +60,8 @@ def make_task(registry, pair: str = "moons:moons-rot35", *, seed: int = 0, steps
                        protocol=Protocol(**protocol))
     task = split.task(seed=seed, device="cpu", budget=Budget(steps, batch_size),
                       backbone=registry.backbones["default"], oracle=oracle)
+    if source_lr is not None:
+        from dabench.source_model import SourceRecipe, with_source_model
+
+        task = with_source_model(task, SourceRecipe(lr=source_lr))
     return task, split

@@ -145,7 +145,7 @@ def test_mcd_predicts_with_the_mean_of_its_two_classifiers(registry):
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
                     reason="pytorch-adapt's validators import torchvision, which is not installed here")
 def test_bridged_validators_score_a_predictor(registry):
-    task, _ = make_task(registry, steps=5, batch_size=16)
+    task, _ = make_task(registry, steps=5, batch_size=16, source_lr=0.01)
     pred = registry.methods["source-only"]().fit(task)
     for name in (v for v in registry.validators if v.startswith("pa-")):
         assert np.isfinite(registry.validators[name].score(pred, task))

@@ -474,7 +474,7 @@ def test_evaluate_records_label_free_extras(registry):
 
     from dabench.runner import N_STORED_PREDICTIONS, evaluate
 
-    task, split = make_task(registry, "condshift-source:condshift-target", steps=30)
+    task, split = make_task(registry, "condshift-source:condshift-target", steps=30, source_lr=0.01)
     pred = registry.methods["source-only"]().fit(task)
     metrics, scores = evaluate(pred, split, task, {"bnm": registry.validators["bnm"]})
     assert set(scores) == {"bnm"}

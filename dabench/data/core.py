@@ -59,6 +59,11 @@ class DomainSpec:
     #: ``"resnet50"``), or None for raw inputs; such domains may only be used
     #: under the ``"head"`` training protocol (see :class:`Protocol`)
     features: str | None = None
+    #: a digest of the domain's data (e.g. ``"sha256:..."`` of a suite's npz
+    #: file) that enters the run key of every run using the domain, so edited
+    #: data is computed again; None for data that is fixed by its name
+    #: (embedded and checksummed standard datasets)
+    fingerprint: str | None = None
 
     @property
     def is_image(self) -> bool:
@@ -77,6 +82,19 @@ class Protocol:
     #: "head": the domains hold frozen-backbone features extracted once and
     #: cached on disk (``<domain>@resnet50``), and methods adapt a head on them
     training: str = "end-to-end"
+    #: input standardisation of *vector* domains (images are left in [0, 1];
+    #: the image backbones rescale them): ``"source"`` (default) fits each
+    #: feature's mean and standard deviation on the source train split and
+    #: applies them to both domains (on a heterogeneous, ``native`` pair the
+    #: target domain is standardised with its own *unlabelled* train split);
+    #: ``"none"`` leaves inputs as loaded.  No target labels are used.
+    standardize: str = "source"
+    #: how the smaller images of a pair reach the shared shape (``"shared"``
+    #: feature space): ``"bilinear"`` (default) rescales them; ``"pad"``
+    #: zero-pads them, centred, at their own scale (e.g. MNIST 28x28 -> 32x32
+    #: for MNIST-M, whose 32x32 images hold the 28x28 digit padded by 2).
+    #: Grey images are repeated to the larger channel count either way.
+    resize: str = "bilinear"
 
     def as_dict(self) -> dict:
         """The protocol as stored with each run (part of the run key).
@@ -92,6 +110,9 @@ class Protocol:
         }
         if self.training != "end-to-end":
             d["training"] = self.training
+        d["standardize"] = self.standardize
+        if self.resize != "bilinear":
+            d["resize"] = self.resize
         return d
 
 
@@ -156,6 +177,16 @@ def _stratified_parts(y: np.ndarray, fractions: list[float], rng: np.random.Gene
     return [np.sort(np.concatenate(p)) if p else np.array([], dtype=int) for p in parts]
 
 
+def _moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and standard deviation (float32) for standardisation;
+    a constant feature gets a standard deviation of 1 (as scikit-learn's
+    ``StandardScaler``), so it maps to 0 instead of dividing by 0."""
+    mean = X.mean(0, dtype=np.float64)
+    std = X.std(0, dtype=np.float64)
+    std[std < 1e-12] = 1.0
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
 def _cap(n: int, cap: int | None, rng: np.random.Generator) -> np.ndarray:
     idx = np.arange(n)
     if cap is not None and n > cap:
@@ -163,9 +194,11 @@ def _cap(n: int, cap: int | None, rng: np.random.Generator) -> np.ndarray:
     return idx
 
 
-def resize_images(X: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+def resize_images(X: np.ndarray, shape: tuple[int, int, int], mode: str = "bilinear") -> np.ndarray:
     """Resize ``(n, c, h, w)`` images to ``shape`` = (C, H, W): bilinear
-    (antialiased when shrinking) and grey-to-colour by channel repetition."""
+    (antialiased when shrinking), or with ``mode="pad"`` zero-padded, centred
+    (never shrunk: a larger image is an error), and grey-to-colour by channel
+    repetition."""
     import torch
     import torch.nn.functional as F
 
@@ -174,7 +207,12 @@ def resize_images(X: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     if c not in (1, C):
         raise DataError(f"cannot map {c}-channel images to {C} channels")
     out = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
-    if (h, w) != (H, W):
+    if (h, w) != (H, W) and mode == "pad":
+        if h > H or w > W:
+            raise DataError(f"cannot pad {h}x{w} images to {H}x{W}: they are larger")
+        top, left = (H - h) // 2, (W - w) // 2
+        out = F.pad(out, (left, W - w - left, top, H - h - top))
+    elif (h, w) != (H, W):
         out = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False, antialias=(H < h or W < w))
     if c != C:
         out = out.repeat(1, C, 1, 1)
@@ -249,15 +287,24 @@ def make_split(
     if protocol.feature_space == "shared" and s_shape != t_shape:
         shape = common_shape(s_shape, t_shape, f"pair {name!r}")
         if s_shape != shape:
-            Xs = resize_images(Xs, shape)
+            Xs = resize_images(Xs, shape, protocol.resize)
         if t_shape != shape:
-            Xt = resize_images(Xt, shape)
+            Xt = resize_images(Xt, shape, protocol.resize)
         s_shape = t_shape = shape
 
     Xs = Xs.reshape(len(Xs), -1)
     Xt = Xt.reshape(len(Xt), -1)
     s_tr, s_va, s_te = _stratified_parts(ys, [0.6, 0.2, 0.2], rng)
     t_tr, t_te = _stratified_parts(yt, [0.5, 0.5], rng)
+    if protocol.standardize == "source":
+        if len(s_shape) == 1:
+            mean, std = _moments(Xs[s_tr])
+            Xs = (Xs - mean) / std
+            if len(t_shape) == 1 and s_shape == t_shape:
+                Xt = (Xt - mean) / std
+        if len(t_shape) == 1 and s_shape != t_shape:
+            mean, std = _moments(Xt[t_tr])
+            Xt = (Xt - mean) / std
 
     target_labeled = None
     if protocol.k_target > 0:
