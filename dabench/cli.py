@@ -251,9 +251,9 @@ def _result_line(r: Any, with_device: bool = False) -> str:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from .suite import SuiteError, check_filters, outline, pair_key, parse_suite
+    from .suitefile import SuiteError, check_filters, outline
 
-    # what the suite file itself names is checked before any plugin (or torch) loads
+    # what the suite file itself names is checked before any plugin (or torch, or NumPy) loads
     try:
         o = outline(args.suite)
         check_filters(o.path, o.methods, o.pairs, _split_list(args.methods), _split_list(args.pairs), args.seeds)
@@ -262,6 +262,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         return EXIT_BAD_INPUT
     from .executors import ExecutorError, make_executor
     from .leaderboard import LeaderboardError, write_reports
+    from .suite import pair_key, parse_suite
     from .runner import Runner
     from .store import RunStore, StoreError, canonical_json
     from .training import resolve_device
@@ -412,7 +413,7 @@ def _no_store_message(folder: Path) -> str:
             suite_name = first[len("# Leaderboard: "):].strip()
     suite_name = suite_name or folder.name
     suite_path = None
-    from .suite import SuiteError, outline
+    from .suitefile import SuiteError, outline
 
     for path in sorted(Path("suites").glob("*.toml")):
         try:

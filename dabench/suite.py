@@ -70,17 +70,17 @@ import numpy as np
 from .contract import CONTRACT_VERSION, Budget, ContractError
 from .data.core import DomainSpec, Protocol
 from .data.files import DomainTableError, parse_domain_table
-from .names import closest, did_you_mean
+from .names import did_you_mean
 from .source_model import SourceRecipe
 from .store import canonical_json, run_key
-
-
-class SuiteError(ValueError):
-    """A malformed suite; ``str()`` names the file, the key and what is expected."""
-
-    def __init__(self, path: str | Path, key: str, message: str) -> None:
-        self.path, self.key, self.message = str(path), key, message
-        super().__init__(f"{self.path}: {key}: {message}" if key else f"{self.path}: {message}")
+from .suitefile import (  # noqa: F401  (re-exported: the names the CLI checks first)
+    SuiteError,
+    SuiteOutline,
+    check_filters,
+    normalize_pair,
+    outline,
+    read_toml,
+)
 
 
 @dataclass(frozen=True)
@@ -259,81 +259,6 @@ def variant_labels(pairs: list[PairEntry], backbone: str = "default") -> dict[tu
         suffix = _differing(proto(p), [proto(q) for q in same]) or _differing(everything(p), [everything(q) for q in same])
         out[pair_key(p)] = f"{p.name} [{suffix}]" if suffix else p.name
     return out
-
-
-def normalize_pair(name: str) -> str:
-    """``moons→moons-rot35`` (as progress lines and reports print a pair) is
-    accepted for ``moons:moons-rot35``."""
-    return name.strip().replace("→", ":", 1)
-
-
-def _unknown(path: Path, key: str, what: str, bad: list[str], known: list[str]) -> SuiteError:
-    hints = [h for h in (did_you_mean(b, known) for b in bad) if h]
-    names = ", ".join(repr(b) for b in bad)
-    verb = "is not a" if len(bad) == 1 else "are not"
-    return SuiteError(path, key, f"{names} {verb} {what}{'' if len(bad) == 1 else 's'} of this suite"
-                                 f"{'; ' + ' '.join(hints) if hints else ''} (it has: {', '.join(sorted(set(known)))})")
-
-
-def check_filters(path: str | Path, suite_methods: list[str], suite_pairs: list[str],
-                  methods: list[str] | None = None, pairs: list[str] | None = None,
-                  seeds: int | None = None) -> None:
-    """Check the CLI's ``--methods``/``--pairs``/``--seeds`` against a suite's
-    method and pair names; raise :class:`SuiteError` naming the closest ones.
-    Needs no registry (see :func:`outline`), so a typo is refused before any
-    plugin loads."""
-    path = Path(path)
-    if methods:
-        bad = [m for m in methods if m not in suite_methods]
-        if bad:
-            raise _unknown(path, "--methods", "method", bad, suite_methods)
-    if pairs:
-        bad = [p for p in pairs if normalize_pair(p) not in suite_pairs]
-        if bad:
-            raise _unknown(path, "--pairs", "pair", bad, suite_pairs)
-    if seeds is not None and seeds < 1:
-        raise SuiteError(path, "--seeds", "expected a positive integer")
-
-
-@dataclass(frozen=True)
-class SuiteOutline:
-    """A suite file's names, read without the registry (see :func:`outline`)."""
-
-    path: Path
-    name: str | None
-    methods: list[str]
-    pairs: list[str]
-
-
-def _read_toml(path: Path) -> dict:
-    if not path.is_file():
-        files = {p.name: str(p) for p in path.parent.glob("*.toml")} if path.parent.is_dir() else {}
-        near = [files[n] for n in closest(path.name, files)]
-        hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
-        raise SuiteError(path, "", "no such suite file" + hint)
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise SuiteError(path, "", f"not valid TOML: {e}") from None
-    except UnicodeDecodeError:
-        raise SuiteError(path, "", "not a UTF-8 text file") from None
-
-
-def outline(path: str | Path) -> SuiteOutline:
-    """The suite's name, method names and pair names, read from the TOML
-    alone (no plugin loaded, no schema check beyond what is needed to find
-    them: :func:`parse_suite` checks the rest).  Raises :class:`SuiteError`
-    when the file is missing or is not TOML."""
-    path = Path(path)
-    raw = _read_toml(path)
-    name = raw.get("name") if isinstance(raw.get("name"), str) else None
-    methods = list(raw["methods"]) if isinstance(raw.get("methods"), dict) else []
-    pairs = []
-    for entry in raw.get("pairs", []) if isinstance(raw.get("pairs"), list) else []:
-        p = entry.get("pair") if isinstance(entry, dict) else entry
-        if isinstance(p, str):
-            pairs.append(p)
-    return SuiteOutline(path, name, methods, pairs)
 
 
 # ----------------------------------------------------------------- parsing
@@ -532,7 +457,7 @@ def parse_suite(path: str | Path, registry: Any, data_root: str | Path | None = 
     the per-user data folder) is where relative paths of ``[domains.NAME]``
     files are looked up first, before the suite's folder."""
     path = Path(path)
-    raw = _read_toml(path)
+    raw = read_toml(path)
     _check_keys(path, "", raw, _TOP)
     if "name" not in raw:
         raise SuiteError(path, "name", "missing; expected a string naming the suite (used for the results folder)")

@@ -118,13 +118,14 @@ def test_a_method_of_an_unavailable_plugin_says_why(registry, tmp_path):
 ])
 def test_cli_filter_typos_are_refused_before_plugins_load(tmp_path, args, hint):
     """--methods/--pairs are checked against the suite file itself: exit 2
-    with the closest names, and neither torch nor any plugin is imported."""
+    with the closest names, and neither torch, NumPy nor any plugin is
+    imported (what makes the refusal take a fraction of a second)."""
     import subprocess
     import sys
 
     suite = write(tmp_path / "s.toml", TINY_SUITE)
     code = ("import sys; from dabench.cli import main; rc = main(sys.argv[1:]); "
-            "loaded = sorted(m for m in ('torch', 'pandas', 'dabench.plugins') if m in sys.modules); "
+            "loaded = sorted(m for m in ('torch', 'numpy', 'pandas', 'pluggy', 'dabench.plugins') if m in sys.modules); "
             "print('LOADED', loaded, file=sys.stderr); sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code, "run", str(suite), "--results", str(tmp_path / "r"), *args],
                        capture_output=True, text=True, timeout=120)
