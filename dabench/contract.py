@@ -22,7 +22,11 @@ CONTRACT_VERSION = "1"
 #: Backward-compatible revisions of the contract within :data:`CONTRACT_VERSION`
 #: (new optional Task fields, new helpers).  A plugin needing revision ``r``
 #: declares ``requires_contract = "1.r"``; hosts with an older revision refuse it.
-CONTRACT_REVISION = 1
+CONTRACT_REVISION = 2
+#: Revision 1: the host's shared source model (``Task.source_model``, the
+#: ``source_model`` requirement).  Revision 2: streamed image domains
+#: (``Task.streamed``, an ``X`` that is a :class:`dabench.data.stream.ImageStream`),
+#: the ``arrays`` requirement.
 
 #: Method families the host knows.  Plugins may use others; the leaderboard
 #: groups by this string.
@@ -44,6 +48,8 @@ REQUIREMENTS = {
     "same_feature_space": "source and target must share one input space",
     "target_labels": "needs k labelled target samples per class (suite protocol k_target > 0)",
     "oracle": "trains on the labelled target train split: a reference row (target-oracle), never ranked",
+    "arrays": "reads whole domains as in-memory arrays (not only batches through TensorBatches / "
+              "TorchPredictor); skipped on streamed image domains",
     "source_model": ("starts from the host's shared source model (task.source_model: trained once per pair, "
                      "seed, backbone and recipe, cached; contract 1.1)"),
 }
@@ -137,6 +143,14 @@ def Int(default: int, low: int, high: int, log: bool = False, help: str = "") ->
     return HParam(default, "int", low, high, log, (), help)
 
 
+#: The declared hyperparameter of a method that fine-tunes ``task.backbone``:
+#: the backbone's learning rate relative to the heads' when the backbone is
+#: pretrained (TLlib: 0.1); see :func:`dabench.training.backbone_param_groups`.
+BACKBONE_LR_MULT = HParam(0.1, "float", 0.01, 1.0, True, (),
+                          "learning rate of a pretrained backbone relative to the heads' (TLlib: 0.1); "
+                          "a backbone trained from scratch always learns at the heads' rate")
+
+
 def Choice(default: Any, choices: tuple | list, help: str = "") -> HParam:
     return HParam(default, "choice", None, None, False, tuple(choices), help)
 
@@ -150,9 +164,15 @@ def Bool(default: bool, help: str = "") -> HParam:
 # --------------------------------------------------------------------------
 
 
+def _is_stream(X: Any) -> bool:
+    return bool(getattr(X, "__dabench_stream__", False))
+
+
 def _frozen(a: np.ndarray | None) -> np.ndarray | None:
     if a is None:
         return None
+    if _is_stream(a):  # a streamed image domain: immutable, holds no pixels
+        return a
     a = np.array(a, copy=True)
     a.setflags(write=False)
     return a
@@ -160,13 +180,14 @@ def _frozen(a: np.ndarray | None) -> np.ndarray | None:
 
 @dataclass(frozen=True, slots=True)
 class Labeled:
-    """Inputs with labels.  Arrays are read-only copies."""
+    """Inputs with labels.  Arrays are read-only copies; ``X`` may instead be
+    a streamed image domain (:class:`dabench.data.stream.ImageStream`)."""
 
     X: np.ndarray
     y: np.ndarray
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "X", _frozen(np.asarray(self.X, dtype=np.float32)))
+        object.__setattr__(self, "X", _frozen(self.X if _is_stream(self.X) else np.asarray(self.X, dtype=np.float32)))
         object.__setattr__(self, "y", _frozen(np.asarray(self.y, dtype=np.int64)))
         if len(self.X) != len(self.y):
             raise ContractError(f"X has {len(self.X)} rows but y has {len(self.y)}")
@@ -177,12 +198,13 @@ class Labeled:
 
 @dataclass(frozen=True, slots=True)
 class Unlabeled:
-    """Inputs without labels.  There is no ``y`` attribute to reach."""
+    """Inputs without labels.  There is no ``y`` attribute to reach.  ``X``
+    is an array or a streamed image domain, as in :class:`Labeled`."""
 
     X: np.ndarray
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "X", _frozen(np.asarray(self.X, dtype=np.float32)))
+        object.__setattr__(self, "X", _frozen(self.X if _is_stream(self.X) else np.asarray(self.X, dtype=np.float32)))
 
     def __len__(self) -> int:
         return len(self.X)
@@ -215,6 +237,14 @@ class Task:
     - ``source_model``: for methods requiring ``source_model``, the host's
       trained source model (``build(device)`` gives fresh ``(encoder,
       classifier)`` copies); None otherwise.
+    - Streamed image domains (image folders; Office-31, Office-Home, VisDA
+      end to end): every ``X`` is then a :class:`dabench.data.stream.ImageStream`
+      instead of an array (``len``, ``shape``, row indexing, no pixels):
+      iterate it with :class:`dabench.training.TensorBatches` (training
+      augmentation per batch) and predict with
+      :class:`dabench.training.TorchPredictor`, exactly as for arrays.
+      ``streamed`` says which; a method that reads whole arrays declares the
+      ``arrays`` requirement and is skipped there.
 
     Target *test* data and labels are not here: the host keeps them.
     """
@@ -240,6 +270,12 @@ class Task:
     #: given only to methods that declare the ``source_model`` requirement
     #: (contract revision 1.1); None otherwise.
     source_model: Any = field(default=None, repr=False)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the domains are streamed from image files (``X`` are
+        :class:`~dabench.data.stream.ImageStream` objects, not arrays)."""
+        return _is_stream(self.source_train.X) or _is_stream(self.target_train.X)
 
     @property
     def source_dim(self) -> int:
@@ -335,6 +371,9 @@ class Method:
             return "needs a shared feature space; this pair is heterogeneous"
         if "target_labels" in cls.requires and task.target_labeled is None:
             return "needs k labelled target samples per class; the suite sets k_target = 0"
+        if "arrays" in cls.requires and task.streamed:
+            return ("reads whole domains as in-memory arrays; this pair's images are streamed from files "
+                    "(batches only)")
         return None
 
     def fit(self, task: Task) -> Predictor:  # pragma: no cover - abstract

@@ -14,8 +14,10 @@ like every dabench backbone:
   dropout 0.5 (512-d features).  Used at 32×32.
 - ``"resnet50"``, ``"resnet101"``: torchvision ResNets with ImageNet weights
   (``IMAGENET1K_V1``, the weights the Office/VisDA papers used), the final
-  fc removed (2048-d pooled features), fine-tuned end to end.  Inputs are
-  normalised with the ImageNet mean and sd.  torchvision is imported only
+  fc removed (2048-d pooled features), fine-tuned end to end (marked
+  pretrained: methods fine-tune them at ``backbone_lr_mult``, default 0.1,
+  times the heads' learning rate).  Inputs are normalised with the ImageNet
+  mean and sd, channels-last on CUDA.  torchvision is imported only
   when such a backbone is built (never on the CPU-only path); the weights
   download to torch's cache (``TORCH_HOME``) on first use.
 
@@ -34,7 +36,7 @@ import torch
 from torch import nn
 
 from . import hookimpl
-from .backbones import _channels_last, _check_shape, _Unflatten
+from .backbones import _channels_last, _check_shape, _Unflatten, mark_pretrained
 from .data.core import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -113,7 +115,10 @@ class _ImageNetInput(nn.Module):
         x = x.reshape(x.shape[0], *self.shape)
         if self.shape[0] == 1:
             x = x.expand(-1, 3, -1, -1)
-        return (x - self.mean) / self.std
+        x = (x - self.mean) / self.std
+        if x.is_cuda:  # channels-last convolutions on the GPU (tensor cores); CPU results unchanged
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
 
 def _resnet_factory(name: str):
@@ -121,7 +126,10 @@ def _resnet_factory(name: str):
         c, h, w = _image_shape(shape, name, 32)
         if c not in (1, 3):
             raise ValueError(f"{name} backbone needs 1- or 3-channel images, got {shape}")
-        return nn.Sequential(_ImageNetInput((c, h, w)), _torchvision_resnet(name)), 2048
+        net = nn.Sequential(_ImageNetInput((c, h, w)), _torchvision_resnet(name))
+        if PRETRAINED:  # fine-tuned at backbone_lr_mult x the heads' learning rate
+            mark_pretrained(net, f"torchvision {RESNET_WEIGHTS[name]}")
+        return net, 2048
 
     factory.__name__ = f"{name}_backbone"
     factory.__doc__ = f"torchvision {name} with ImageNet weights ({RESNET_WEIGHTS[name]}), fc removed (2048-d)."

@@ -308,7 +308,7 @@ class Runner:
     def run_one(self, spec: RunSpec, device: str | None = None) -> RunResult:
         """Compute one run on ``device`` (default: the runner's) and return
         its result; never writes the store."""
-        from .training import seed_everything
+        from .training import amp_context, seed_everything
 
         device = device or self.device
         cls = self.registry.methods[spec.method]
@@ -339,10 +339,13 @@ class Runner:
                                        fingerprints=spec.pair.fingerprints(), seed=spec.seed,
                                        backbone=spec.backbone, shape=task.source_shape, n_classes=task.n_classes,
                                        recipe=recipe, device=device)
-                task, sm_info = attach_source_model(task, recipe=recipe, identity=ident,
-                                                    cache_dir=self.source_model_dir)
+                with amp_context(device, spec.pair.protocol.amp):
+                    task, sm_info = attach_source_model(task, recipe=recipe, identity=ident,
+                                                        cache_dir=self.source_model_dir)
             except KeyboardInterrupt:
                 raise
+            except DataError as exc:  # an image of a streamed domain that cannot be decoded
+                return RunResult(spec, "failed", str(exc), device=device, data_error=True)
             except Exception as exc:
                 log.debug("source model for %s failed:\n%s", spec.key, traceback.format_exc())
                 return RunResult(spec, "failed", f"source model: {_reason(exc)}",
@@ -360,12 +363,15 @@ class Runner:
         try:
             seed_everything(spec.seed)
             method = cls(**spec.params)
-            with diagnostics.collect() as diag:
-                predictor = method.fit(task)
-            wall = time.perf_counter() - t0
-            metrics, scores = evaluate(predictor, split, task, self.registry.validators)
+            with amp_context(device, spec.pair.protocol.amp):  # bf16 on CUDA when the suite asks; never on CPU
+                with diagnostics.collect() as diag:
+                    predictor = method.fit(task)
+                wall = time.perf_counter() - t0
+                metrics, scores = evaluate(predictor, split, task, self.registry.validators)
         except KeyboardInterrupt:
             raise
+        except DataError as exc:  # an image of a streamed domain that cannot be decoded: the data's fault
+            return RunResult(spec, "failed", str(exc), device=device, data_error=True)
         except Exception as exc:
             log.debug("run %s failed:\n%s", spec.key, traceback.format_exc())
             return RunResult(spec, "failed", _reason(exc), wall_time_s=time.perf_counter() - t0,

@@ -24,6 +24,9 @@ missing field or a wrong type is an error naming the file and the key)::
                                         # train split ("none": as loaded); images untouched
     resize = "bilinear"                 # smaller images to the shared shape: "bilinear" or
                                         # "pad" (zero-pad, centred, at their own scale)
+    augment = "none"                    # streamed image domains: training transform per batch,
+                                        # "crop-flip" or "center-flip" (TLlib's recipes)
+    amp = false                         # CUDA: bf16 autocast + channels-last (no effect on CPU)
 
     [budget]                            # optional; defaults shown
     steps = 1000
@@ -34,6 +37,7 @@ missing field or a wrong type is an error naming the file and the key)::
     weight_decay = 5e-4                 #  { pair = "...", source_model = { steps = 3000 } })
     steps = 1000                        # default: the pair's budget
     batch_size = 64                     # default: the pair's budget
+    backbone_lr_mult = 0.1              # a pretrained backbone's lr / the classifier's
 
     [[published]]                       # optional: published numbers the report compares with
     pair = "mnist:mnistm"               # (dabench.published)
@@ -265,10 +269,11 @@ def variant_labels(pairs: list[PairEntry], backbone: str = "default") -> dict[tu
 
 _TOP = {"name", "description", "seeds", "validator", "backbone", "pairs", "protocol", "budget", "methods",
         "domains", "source_model", "published"}
-_PROTOCOL = {"k_target", "feature_space", "max_source", "max_target", "training", "standardize", "resize"}
+_PROTOCOL = {"k_target", "feature_space", "max_source", "max_target", "training", "standardize", "resize",
+             "augment", "amp"}
 TRAINING_PROTOCOLS = ("end-to-end", "head")
 _BUDGET = {"steps", "batch_size"}
-_SOURCE_MODEL = {"steps", "batch_size", "lr", "weight_decay"}
+_SOURCE_MODEL = {"steps", "batch_size", "lr", "weight_decay", "backbone_lr_mult"}
 _METHOD = {"params", "grid", "random"}
 
 
@@ -343,6 +348,15 @@ def _protocol(path: Path, where: str, table: Any, base: Protocol) -> Protocol:
         if st not in ("source", "none"):
             raise SuiteError(path, f"{where}.standardize", f'expected "source" or "none", got {st!r}')
         kw["standardize"] = st
+    if "augment" in table:
+        from .data.stream import AUGMENTATIONS
+
+        au = _expect(path, f"{where}.augment", table["augment"], str, f"one of {list(AUGMENTATIONS)}")
+        if au not in AUGMENTATIONS:
+            raise SuiteError(path, f"{where}.augment", f"expected one of {list(AUGMENTATIONS)}, got {au!r}")
+        kw["augment"] = au
+    if "amp" in table:
+        kw["amp"] = _expect(path, f"{where}.amp", table["amp"], bool, "true/false")
     for cap in ("max_source", "max_target"):
         if cap in table:
             v = _expect(path, f"{where}.{cap}", table[cap], int, "a positive integer")
@@ -375,7 +389,7 @@ def _source_recipe(path: Path, where: str, table: Any, base: SourceRecipe) -> So
             if v < 1:
                 raise SuiteError(path, f"{where}.{k}", "expected a positive integer")
             kw[k] = v
-    for k, lo, hi in (("lr", 1e-6, 10.0), ("weight_decay", 0.0, 1.0)):
+    for k, lo, hi in (("lr", 1e-6, 10.0), ("weight_decay", 0.0, 1.0), ("backbone_lr_mult", 0.01, 1.0)):
         if k in table:
             v = _expect(path, f"{where}.{k}", table[k], (int, float), "a number")
             if not (lo <= float(v) <= hi):
@@ -449,6 +463,37 @@ def _domains(path: Path, raw: Any, registry: Any, data_root: str | Path | None) 
         except DomainTableError as e:
             raise SuiteError(path, f"domains.{name}" + (f".{e.key}" if e.key else ""), e.message) from None
     return out
+
+
+def _check_streamed_pair(path: Path, where: str, pname: str, s: DomainSpec, t: DomainSpec, proto: Protocol) -> None:
+    """A pair's domains are both streamed or both in memory, augmentation is
+    only asked of streamed ones, and their classes agree (count and names)."""
+    if s.streamed != t.streamed:
+        kinds = {d.name: ("streamed image files" if d.streamed else "in-memory arrays") for d in (s, t)}
+        raise SuiteError(path, where, f"{pname!r} mixes {kinds}; pair streamed image domains (image folders, "
+                                      f"the Office/VisDA images) with each other")
+    if s.streamed and proto.resize != "bilinear" and s.shape != t.shape:
+        raise SuiteError(path, where, f'resize = "{proto.resize}" applies to in-memory image arrays; the streamed '
+                                      f"images of {pname!r} are decoded at the shared size (resized): remove it")
+    if proto.augment != "none" and not s.streamed:
+        raise SuiteError(path, where, f'augment = "{proto.augment}" applies to streamed image domains (image '
+                                      f"folders, the Office/VisDA images); {pname!r} holds in-memory arrays, which "
+                                      f'are never augmented: set augment = "none" for this pair')
+    if s.n_classes != t.n_classes:
+        raise SuiteError(path, where, f"{pname!r}: {s.name!r} has {s.n_classes} classes and {t.name!r} has "
+                                      f"{t.n_classes} in label space {s.label_space!r}; a pair needs one label space "
+                                      f"(set n_classes or classes = [...] in the [domains] tables)")
+    if s.classes is not None and t.classes is not None and s.classes != t.classes:
+        only_s = sorted(set(s.classes) - set(t.classes))
+        only_t = sorted(set(t.classes) - set(s.classes))
+        if only_s or only_t:
+            what = "; ".join(f"class {c!r} exists in {a!r} and not in {b!r}" for cs, a, b in
+                             ((only_s, s.name, t.name), (only_t, t.name, s.name)) for c in cs[:3])
+            raise SuiteError(path, where, f"{pname!r}: {what}; a pair needs the same classes on both sides "
+                                          f"(add or remove the class folders, or list classes = [...])")
+        raise SuiteError(path, where, f"{pname!r}: the domains list the same classes in another order "
+                                      f"({list(s.classes[:3])}... vs {list(t.classes[:3])}...); labels would not "
+                                      f"match: give both the same classes = [...]")
 
 
 def parse_suite(path: str | Path, registry: Any, data_root: str | Path | None = None) -> Suite:
@@ -535,6 +580,7 @@ def parse_suite(path: str | Path, registry: Any, data_root: str | Path | None = 
         if feats and p_proto.training != "head":
             raise SuiteError(path, where, f'{pname!r} holds cached {sorted(feats)} features; set training = "head" '
                                           f'in [protocol] (the backbone cannot be fine-tuned through cached features)')
+        _check_streamed_pair(path, where, pname, s_spec, t_spec, p_proto)
         if any(p.name == pname and p.protocol == p_proto and p.backbone == p_backbone for p in pairs):
             raise SuiteError(path, where, f"pair {pname!r} is listed twice")
         own = tuple(domains[d] for d in dict.fromkeys((src, tgt)) if d in domains)

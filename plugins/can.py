@@ -70,11 +70,13 @@ from torch.nn import functional as F
 
 from dabench import Float, Int, Method, Task, hookimpl
 from dabench.training import (
+    BACKBONE_LR_MULT,
     CHECK_EVERY,
     TensorBatches,
     TorchPredictor,
     annealed_lr,
     check_finite,
+    backbone_param_groups,
     make_sgd,
     progress,
     resolve_device,
@@ -223,11 +225,12 @@ class CAN(Method):
     name = "can"
     family = "contrastive"
     version = "1"
-    requires = frozenset({"same_feature_space"})
+    requires = frozenset({"same_feature_space", "arrays"})
     paper = "Kang et al., Contrastive Adaptation Network for Unsupervised Domain Adaptation, CVPR 2019"
     hyperparameters = {
         "lr": Float(0.01, 1e-3, 0.1, log=True, help="initial SGD learning rate (annealed over the whole run)"),
         "weight_decay": Float(5e-4, 1e-6, 1e-2, log=True, help="L2 weight decay"),
+        "backbone_lr_mult": BACKBONE_LR_MULT,
         "cdd_weight": Float(0.3, 0.01, 3.0, log=True, help="weight beta of the CDD loss"),
         "warmup": Float(0.3, 0.05, 0.9, help="fraction of the step budget spent on source-only training"),
         "loops": Int(4, 1, 20, help="alternating-optimisation loops (cluster, filter, train)"),
@@ -253,7 +256,7 @@ class CAN(Method):
         classifier = nn.Linear(dim, task.n_classes)
         for m in (encoder, classifier):
             m.to(device).train()
-        params = [p for m in (encoder, classifier) for p in m.parameters()]
+        params = backbone_param_groups(encoder, classifier, self.backbone_lr_mult)
         opt = make_sgd(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
         bs = task.budget.batch_size
         C = task.n_classes

@@ -61,11 +61,13 @@ from torch.nn import functional as F
 
 from dabench import Float, Int, Method, Task, hookimpl
 from dabench.training import (
+    BACKBONE_LR_MULT,
     CHECK_EVERY,
     TensorBatches,
     TorchPredictor,
     annealed_lr,
     check_finite,
+    backbone_param_groups,
     make_sgd,
     progress,
     resolve_device,
@@ -133,12 +135,13 @@ class CBST(Method):
     name = "cbst"
     family = "self-training"
     version = "1"
-    requires = frozenset({"same_feature_space"})
+    requires = frozenset({"same_feature_space", "arrays"})
     paper = ("Zou et al., Unsupervised Domain Adaptation for Semantic Segmentation via "
              "Class-Balanced Self-Training, ECCV 2018")
     hyperparameters = {
         "lr": Float(0.01, 1e-3, 0.1, log=True, help="initial SGD learning rate (annealed over the whole run)"),
         "weight_decay": Float(5e-4, 1e-6, 1e-2, log=True, help="L2 weight decay"),
+        "backbone_lr_mult": BACKBONE_LR_MULT,
         "warmup": Float(0.4, 0.1, 0.9, help="fraction of the step budget spent on source pre-training"),
         "rounds": Int(3, 1, 10, help="self-training rounds (pseudo-label, then train)"),
         "portion0": Float(0.2, 0.05, 1.0, help="portion p of each class selected in the first round"),
@@ -154,7 +157,7 @@ class CBST(Method):
         classifier = nn.Linear(dim, task.n_classes)
         for m in (encoder, classifier):
             m.to(device).train()
-        params = [p for m in (encoder, classifier) for p in m.parameters()]
+        params = backbone_param_groups(encoder, classifier, self.backbone_lr_mult)
         opt = make_sgd(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
         bs = task.budget.batch_size
         src = TensorBatches(task.source_train.X, task.source_train.y, batch_size=bs,

@@ -63,6 +63,7 @@ from torch.nn import functional as F
 
 from dabench import Bool, Choice, Float, Int, Method, Task, hookimpl
 from dabench.training import (
+    BACKBONE_LR_MULT,
     CHECK_EVERY,
     TensorBatches,
     TorchPredictor,
@@ -70,6 +71,7 @@ from dabench.training import (
     check_finite,
     grad_reverse,
     grl_lambda,
+    backbone_param_groups,
     make_sgd,
     progress,
     resolve_device,
@@ -160,6 +162,7 @@ class CDAN(Method):
     hyperparameters = {
         "lr": Float(0.01, 1e-3, 0.1, log=True, help="initial SGD learning rate mu0 (annealed)"),
         "weight_decay": Float(5e-4, 1e-6, 1e-2, log=True, help="L2 weight decay"),
+        "backbone_lr_mult": BACKBONE_LR_MULT,
         "lambda_max": Float(1.0, 0.03, 3.0, log=True, help="final adversarial weight lambda"),
         "gamma": Float(10.0, 1.0, 30.0, log=True, help="steepness of the lambda schedule"),
         "entropy": Bool(True, help="CDAN+E: weight examples by 1 + exp(-entropy)"),
@@ -190,7 +193,7 @@ class CDAN(Method):
         disc = discriminator(d_in, self.disc_hidden, self.disc_layers, self.disc_dropout)
         for m in (encoder, classifier, disc):
             m.to(device).train()
-        params = [p for m in (encoder, classifier, disc) for p in m.parameters()]
+        params = backbone_param_groups(encoder, (classifier, disc), self.backbone_lr_mult)
         opt = make_sgd(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
         bs = task.budget.batch_size
         src = TensorBatches(task.source_train.X, task.source_train.y, batch_size=bs,

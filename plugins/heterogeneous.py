@@ -239,7 +239,7 @@ class GWHDA(Method):
     name = "gw-hda"
     family = "heterogeneous"
     version = "1"
-    requires = frozenset()
+    requires = frozenset({"arrays"})
     paper = ("Gromov-Wasserstein transport (Mémoli, FoCM 2011; Peyré, Cuturi, Solomon, ICML 2016) for HDA as in "
              "Yan et al., Semi-supervised optimal transport for heterogeneous domain adaptation, IJCAI 2018 "
              "(unsupervised: without the labelled-target term)")

@@ -83,11 +83,13 @@ from torch.nn import functional as F
 
 from dabench import Bool, Float, Int, Method, Task, hookimpl
 from dabench.training import (
+    BACKBONE_LR_MULT,
     CHECK_EVERY,
     TensorBatches,
     TorchPredictor,
     annealed_lr,
     check_finite,
+    backbone_param_groups,
     make_sgd,
     progress,
     resolve_device,
@@ -267,6 +269,7 @@ class WeightedPredictor(TorchPredictor):
 _COMMON = {
     "lr": Float(0.01, 1e-3, 0.1, log=True, help="initial SGD learning rate mu0 (annealed)"),
     "weight_decay": Float(5e-4, 1e-6, 1e-2, log=True, help="L2 weight decay"),
+    "backbone_lr_mult": BACKBONE_LR_MULT,
     "power": Float(1.0, 0.0, 1.0, help="flattening exponent: w**power (0 = source-only, 1 = plain ratio)"),
     "clip": Float(10.0, 1.5, 100.0, log=True, help="upper clip of the mean-1 normalised weights"),
     "max_fit": Int(2000, 200, 10000, log=True, help="samples per domain used to fit the ratio"),
@@ -276,7 +279,7 @@ _COMMON = {
 class _ImportanceWeighting(Method):
     family = "reweighting"
     version = "1"
-    requires = frozenset({"same_feature_space"})
+    requires = frozenset({"same_feature_space", "arrays"})
 
     def make_estimator(self, task: Task) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -301,7 +304,7 @@ class _ImportanceWeighting(Method):
         classifier = nn.Linear(dim, task.n_classes)
         encoder.to(device).train()
         classifier.to(device).train()
-        opt = make_sgd(list(encoder.parameters()) + list(classifier.parameters()),
+        opt = make_sgd(backbone_param_groups(encoder, classifier, self.backbone_lr_mult),
                        lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
         batches = TensorBatches(task.source_train.X, task.source_train.y, w, batch_size=task.budget.batch_size,
                                 device=device, seed=stream_seed(task.seed, 1))

@@ -70,11 +70,13 @@ from torch.nn import functional as F
 
 from dabench import Float, Method, Task, hookimpl
 from dabench.training import (
+    BACKBONE_LR_MULT,
     CHECK_EVERY,
     TensorBatches,
     TorchPredictor,
     annealed_lr,
     check_finite,
+    backbone_param_groups,
     make_sgd,
     progress,
     resolve_device,
@@ -190,12 +192,13 @@ class SelfEnsembling(Method):
     name = "self-ensembling"
     family = "self-training"
     version = "1"
-    requires = frozenset({"same_feature_space"})
+    requires = frozenset({"same_feature_space", "arrays"})
     paper = ("French, Mackiewicz, Fisher, Self-ensembling for visual domain adaptation, ICLR 2018 "
              "(mean teacher: Tarvainen & Valpola, NeurIPS 2017)")
     hyperparameters = {
         "lr": Float(0.01, 1e-3, 0.1, log=True, help="initial SGD learning rate (annealed)"),
         "weight_decay": Float(5e-4, 1e-6, 1e-2, log=True, help="L2 weight decay"),
+        "backbone_lr_mult": BACKBONE_LR_MULT,
         "teacher_alpha": Float(0.99, 0.9, 0.999, help="EMA decay of the teacher weights"),
         "unsup_weight": Float(3.0, 0.1, 30.0, log=True, help="weight of the consistency loss"),
         "confidence": Float(0.968, 0.5, 0.999, help="teacher confidence threshold of the consistency mask"),
@@ -214,7 +217,7 @@ class SelfEnsembling(Method):
         teacher = copy.deepcopy(student).train()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        opt = make_sgd(student.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
+        opt = make_sgd(backbone_param_groups(student.encoder, student.classifier, self.backbone_lr_mult), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
         bs = task.budget.batch_size
         src = TensorBatches(task.source_train.X, task.source_train.y, batch_size=bs,
                             device=device, seed=stream_seed(task.seed, 1))

@@ -103,7 +103,10 @@ def test_power_zero_is_exactly_source_only_and_weights_change_the_model(registry
     with power 0 (all weights 1) the predictions are bit-identical."""
     task, split = make_task(registry, "covshift-source:covshift-target", steps=40)
     X = split.target_test.X
-    so = registry.methods["source-only"](lr=0.03).fit(task).predict_proba(X)
+    from dabench.source_model import SourceRecipe, with_source_model
+
+    # source-only is the host's source model, trained by the same supervised loop
+    so = registry.methods["source-only"]().fit(with_source_model(task, SourceRecipe(lr=0.03))).predict_proba(X)
     flat = registry.methods["iw-discriminative"](lr=0.03, power=0.0).fit(task).predict_proba(X)
     full = registry.methods["iw-discriminative"](lr=0.03, power=1.0).fit(task).predict_proba(X)
     assert np.array_equal(so, flat)

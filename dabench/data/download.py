@@ -314,6 +314,23 @@ _add(Dataset(
 ))
 
 
+_add(Dataset(
+    name="office-caltech10-images",
+    title="Office-Caltech10 images (the 10 classes shared by Office-31 and Caltech-256)",
+    files=(RemoteFile("officecaltech.tgz", ("https://cloud.tsinghua.edu.cn/f/e93f2e07d93243d6b57e/?dl=1",),
+                      kind="tar", extract=True),),
+    homepage="https://github.com/thuml/Transfer-Learning-Library (tllib/vision/datasets/officecaltech.py)",
+    licence="research use; images of Office-31 (Saenko et al.) and Caltech-256 (Griffin et al.)",
+    citation="Gong et al., Geodesic flow kernel for unsupervised domain adaptation, CVPR 2012",
+    domains=("oc10-amazon", "oc10-caltech", "oc10-dslr", "oc10-webcam"),
+    notes="The archive TLlib's OfficeCaltech loader downloads (no upstream hash: pinned on first use).  It "
+          "extracts to {amazon,caltech,dslr,webcam}/<class>/*.jpg (an extra images/ level is also read) with "
+          "TLlib's class names back_pack, bike, calculator, headphones, keyboard, laptop_computer, monitor, "
+          "mouse, mug, projector.  Layout taken from TLlib's loader; not checked against the archive when "
+          "this entry was written (no network to that host).",
+))
+
+
 def mirror() -> str | None:
     """The mirror base URL from ``DABENCH_MIRROR``, or None."""
     m = os.environ.get(MIRROR_VAR, "").strip()
