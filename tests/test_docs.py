@@ -84,7 +84,8 @@ def _signature(name: str, obj) -> str:
 
 
 HELPERS = ("seed_everything", "stream_seed", "resolve_device", "TensorBatches", "check_finite", "progress",
-           "annealed_lr", "grl_lambda", "grad_reverse", "make_sgd", "set_lr", "fit_supervised", "TorchPredictor")
+           "annealed_lr", "grl_lambda", "grad_reverse", "make_sgd", "backbone_param_groups", "set_lr", "amp_context",
+           "fit_supervised", "TorchPredictor")
 
 
 @pytest.mark.parametrize("name", HELPERS)
