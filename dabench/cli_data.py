@@ -44,10 +44,12 @@ def cmd_data(args: argparse.Namespace, console: Any) -> int:
             } for s in states], indent=2))
             return 0
         console.info(f"{root.describe()}" + (f"; mirror {mirror()}" if mirror() else ""))
-        for s in states:
-            how = "manual download" if s.dataset.manual else "dabench data download " + s.dataset.name
-            console.out(f"{s.dataset.name:<17} {s.present}/{s.total} files  {s.hashes:<22} {how:<36} "
-                        f"{s.dataset.title}")
+        rows = [(s.dataset.name, f"{s.present}/{s.total} files", s.hashes,
+                 "manual download" if s.dataset.manual else "dabench data download " + s.dataset.name,
+                 s.dataset.title) for s in states]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)] if rows else []
+        for r in rows:
+            console.out("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
         return 0
 
     name = args.name

@@ -15,17 +15,18 @@ predictions, which the driver scores.
 
 Executors:
 
-- :class:`SerialExecutor` (the default): one worker process computes every
-  run, one after the other.  It is started once per sweep (a fresh torch
-  process costs 1-2 s, more than most quick-suite runs) and restores the
-  process-wide state of torch, NumPy and scikit-learn before every run
-  (:mod:`dabench.cleanstate`); a worker that cannot (torch refuses some
-  mixes of its precision APIs) is replaced by a fresh one before the next run.
-- :class:`PoolExecutor` (``--jobs N``): ``N`` such workers, each pinned to
-  one device for its whole life: on CPU every worker gets
-  ``max(1, cores // N)`` torch threads so that ``N`` workers do not
-  oversubscribe the cores; with ``--device cuda`` worker ``i`` runs on
-  ``cuda:(i mod #GPUs)`` (by default one worker per visible GPU).
+- :class:`SerialExecutor` (the default where only one core is usable, or
+  with ``--jobs 1``): one worker process computes every run, one after the
+  other.  It is started once per sweep (a fresh torch process costs 1-2 s,
+  more than most quick-suite runs) and restores the process-wide state of
+  torch, NumPy and scikit-learn before every run (:mod:`dabench.cleanstate`);
+  a worker that cannot (torch refuses some mixes of its precision APIs) is
+  replaced by a fresh one before the next run.
+- :class:`PoolExecutor` (the default on CPU with two or more usable cores:
+  one worker per core, see :func:`default_jobs`; ``--jobs N`` for ``N``):
+  such workers, each pinned to one device for its whole life; with
+  ``--device cuda`` worker ``i`` runs on ``cuda:(i mod #GPUs)`` (by default
+  one worker per visible GPU).
 - :class:`RayExecutor` (``--executor ray [--address ADDR]``): each run is one
   Ray task declaring its resources (``num_cpus``, and ``num_gpus=1`` on
   CUDA); the driver waits on the tasks with ``ray.wait`` and stores each
@@ -46,12 +47,18 @@ which is the driver's to handle.  Ray retries a task whose worker died once
 (``max_retries``), then the run is stored as failed; its time limit counts
 from submission.
 
-Runs are deterministic for a seed and a torch thread count, so an executor
-changes where and when a run is computed, not its result, as long as the
-runs get the same number of torch threads (``--threads``): CPU convolutions
-may round differently with another thread count (seen in the 8th digit of a
-validator score).  The tests check that serial, pool and Ray sweeps store the
-same keys and metrics.
+Threads.  Every run, whatever the executor, gets :data:`DEFAULT_THREADS`
+(1) torch intra-op thread and the same cap on NumPy's/SciPy's BLAS and
+OpenMP pools, unless ``--threads`` says otherwise.  One thread per run is
+both the fastest and the most robust setting for the small models of the
+embedded pairs (an OpenMP pool that spins on a contended core makes a run
+10-50 times slower beside another busy process), and one *fixed* count
+makes results reproducible: runs are deterministic for a seed and a thread
+count, and CPU convolutions and BLAS reductions round differently with
+another thread count, so a result would otherwise depend on ``--jobs`` and
+on the executor.  The thread count and the torch version of every run are
+stored with it and stated in the report.  The tests check that serial,
+pool and Ray sweeps store the same keys and metrics.
 """
 
 from __future__ import annotations
@@ -78,8 +85,10 @@ __all__ = [
     "PoolExecutor",
     "RayExecutor",
     "SerialExecutor",
+    "DEFAULT_THREADS",
     "WorkerConfig",
     "available_cores",
+    "default_jobs",
     "make_executor",
     "plan_devices",
     "threads_per_worker",
@@ -100,16 +109,74 @@ HEARTBEAT_S = 30.0
 # ------------------------------------------------------------------ helpers
 
 
+#: Torch threads (and BLAS/OpenMP threads) of every run unless ``--threads``
+#: says otherwise; see the module docstring.
+DEFAULT_THREADS = 1
+
+#: Memory a default pool keeps free per worker (a quick-suite worker peaks
+#: at 0.5-0.8 GB); more workers than this allows are not started by default.
+WORKER_MEMORY_BYTES = 1536 * 2**20
+
+
+def _cgroup_cpu_limit() -> int | None:
+    """The CPU quota of this process's cgroup (v2 ``cpu.max`` or v1
+    ``cpu.cfs_quota_us``), rounded up, or None when there is none."""
+    candidates = [("/sys/fs/cgroup/cpu.max", None),
+                  ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")]
+    for quota_path, period_path in candidates:
+        try:
+            with open(quota_path) as f:
+                parts = f.read().split()
+            if period_path is None:
+                quota, period = parts[0], parts[1]
+            else:
+                with open(period_path) as f:
+                    quota, period = parts[0], f.read().split()[0]
+            if quota in ("max", "-1"):
+                return None
+            return max(1, -(-int(quota) // int(period)))
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
 def available_cores() -> int:
-    """CPU cores this process may use (affinity-aware)."""
+    """CPU cores this process may use: its affinity mask, capped by a
+    container's CPU quota."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        n = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        n = max(1, os.cpu_count() or 1)
+    quota = _cgroup_cpu_limit()
+    return min(n, quota) if quota else n
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def default_jobs(cores: int | None = None, memory: int | None = None) -> int:
+    """Runs computed at once on CPU by default: one single-threaded run per
+    usable core, as long as each worker has :data:`WORKER_MEMORY_BYTES` of
+    the available memory."""
+    cores = available_cores() if cores is None else cores
+    memory = _available_memory() if memory is None else memory
+    jobs = max(1, cores)
+    if memory:
+        jobs = min(jobs, max(1, memory // WORKER_MEMORY_BYTES))
+    return jobs
 
 
 def threads_per_worker(jobs: int, cores: int | None = None) -> int:
-    """Torch intra-op threads per worker: ``max(1, cores // jobs)``."""
+    """``max(1, cores // jobs)``: the most threads per run that ``jobs``
+    parallel runs can use without oversubscribing the cores."""
     cores = available_cores() if cores is None else cores
     return max(1, cores // max(1, jobs))
 
@@ -117,7 +184,7 @@ def threads_per_worker(jobs: int, cores: int | None = None) -> int:
 def plan_devices(device: str, jobs: int | None, gpu_count: int) -> list[str]:
     """The device of each worker.
 
-    - ``cpu``: ``jobs`` (default 1) workers on ``cpu``;
+    - ``cpu``: ``jobs`` (default :func:`default_jobs`) workers on ``cpu``;
     - ``cuda`` (no index): ``jobs`` workers, default one per visible GPU,
       worker ``i`` pinned to ``cuda:(i mod gpu_count)``;
     - ``cuda:k``: ``jobs`` (default 1) workers all on ``cuda:k``.
@@ -129,6 +196,8 @@ def plan_devices(device: str, jobs: int | None, gpu_count: int) -> list[str]:
             raise ExecutorError("device 'cuda' requested but no CUDA GPU is visible; use --device cpu")
         n = jobs or gpu_count
         return [f"cuda:{i % gpu_count}" for i in range(n)]
+    if device == "cpu":
+        return [device] * (jobs or default_jobs())
     return [device] * (jobs or 1)
 
 
@@ -258,10 +327,10 @@ class InProcessExecutor:
     workers = 1
 
     def __init__(self, threads: int | None = None) -> None:
-        self.threads = threads
+        self.threads = DEFAULT_THREADS if threads is None else int(threads)
 
     def describe(self) -> str:
-        return "in the driver process" + (f" ({self.threads} torch threads)" if self.threads else "")
+        return f"in the driver process ({self.threads} thread{'s' if self.threads != 1 else ''} per run)"
 
     def map(self, runner: "Runner", specs: Sequence["RunSpec"], on_dispatch: OnDispatch) -> Iterator[Any]:
         import torch
@@ -593,27 +662,27 @@ class _ProcessExecutor:
 
 class SerialExecutor(_ProcessExecutor):
     """Every run, in suite order, in one worker process on the runner's
-    device, with ``threads`` torch threads (default: torch's own default,
-    all cores).  The worker restores the process-wide state of torch, NumPy
+    device, with ``threads`` torch threads (default :data:`DEFAULT_THREADS`).
+    The worker restores the process-wide state of torch, NumPy
     and scikit-learn before each run."""
 
     name = "serial"
     workers = 1
 
     def __init__(self, threads: int | None = None) -> None:
-        self.threads = threads
+        self.threads = DEFAULT_THREADS if threads is None else int(threads)
 
     def _devices(self, runner: "Runner") -> list[str]:
         return [runner.device]
 
     def describe(self) -> str:
-        return "serial, in one worker process" + (f" ({self.threads} torch threads)" if self.threads else "")
+        return f"serial, in one worker process ({self.threads} thread{'s' if self.threads != 1 else ''} per run)"
 
 
 class PoolExecutor(_ProcessExecutor):
     """``len(devices)`` spawned worker processes, worker ``i`` pinned to
     ``devices[i]``, each with ``threads`` torch threads (default
-    ``max(1, cores // workers)`` on CPU).
+    :data:`DEFAULT_THREADS`).
 
     Scheduling keeps data local: a free worker takes the next pending run of
     the pair and seed it ran last (its split is already there) when there is
@@ -628,15 +697,14 @@ class PoolExecutor(_ProcessExecutor):
             raise ExecutorError("a process pool needs at least one worker")
         self.devices = list(devices)
         self.workers = len(self.devices)
-        on_cpu = all(not d.startswith("cuda") for d in self.devices)
-        self.threads = threads if threads is not None else (threads_per_worker(self.workers) if on_cpu else 1)
+        self.threads = DEFAULT_THREADS if threads is None else int(threads)
         self.start_method = start_method
         self.max_restarts = 2 * self.workers if max_restarts is None else max_restarts
 
     def describe(self) -> str:
         devs = sorted(set(self.devices))
         return (f"process pool of {self.workers} workers ({', '.join(devs)}; "
-                f"{self.threads} torch thread{'s' if self.threads != 1 else ''} each)")
+                f"{self.threads} thread{'s' if self.threads != 1 else ''} per run)")
 
 
 # ------------------------------------------------------------------ Ray
@@ -823,16 +891,19 @@ class RayExecutor:
 
 def make_executor(kind: str = "local", *, device: str = "cpu", jobs: int | None = None,
                   address: str | None = None, threads: int | None = None) -> Any:
-    """The executor for the CLI options ``--executor``, ``--jobs``, ``--address``.
+    """The executor for the CLI options ``--executor``, ``--jobs``,
+    ``--address``, ``--threads``.
 
-    ``local`` with ``jobs`` of ``None``/1 on CPU (or on one ``cuda:k``) is the
-    serial executor; more jobs, or ``--device cuda`` with more than one GPU
-    visible, is a process pool (one worker per GPU by default).
+    ``local``: on CPU, ``jobs`` (default :func:`default_jobs`: one per usable
+    core) single-threaded runs at once, in a process pool, or serially in
+    this process when that is one; on ``cuda``, one worker per visible GPU
+    (or ``jobs``); on one ``cuda:k``, serial unless ``jobs`` says otherwise.
+    Every run gets ``threads`` threads (default :data:`DEFAULT_THREADS`).
     """
     if threads is not None and threads < 1:
         raise ExecutorError(f"--threads must be a positive integer, got {threads}")
     if kind == "ray":
-        return RayExecutor(device=device, address=address, max_in_flight=jobs, cpus_per_run=threads or 1)
+        return RayExecutor(device=device, address=address, max_in_flight=jobs, cpus_per_run=threads or DEFAULT_THREADS)
     if kind != "local":
         raise ExecutorError(f"unknown executor {kind!r}: use 'local' or 'ray'")
     if address:

@@ -138,6 +138,9 @@ class WorkerOutcome:
     #: the run's data could not be read (an image of a streamed domain that
     #: cannot be decoded): reported as missing data, not stored
     data_error: bool = False
+    #: what else determines the result: the torch intra-op threads and torch's version
+    threads: int | None = None
+    torch_version: str | None = None
 
 
 # ---------------------------------------------------------------- memory
@@ -271,6 +274,9 @@ def compute(registry: Any, request: RunRequest, inputs: SplitInputs, *,
             return WorkerOutcome("failed", f"source model: {_reason(exc)}", wall_time_s=time.perf_counter() - t_sm)
     from . import diagnostics
 
+    import torch
+
+    settings = {"threads": torch.get_num_threads(), "torch_version": torch.__version__}
     meter = MemoryMeter(request.device)
     t0 = time.perf_counter()
     wall = 0.0
@@ -289,7 +295,7 @@ def compute(registry: Any, request: RunRequest, inputs: SplitInputs, *,
             raise
         rss, gpu = meter.read()
         return WorkerOutcome("failed", _reason(exc), wall_time_s=time.perf_counter() - t0, rss_peak_mb=rss,
-                             gpu_peak_mb=gpu, source_model=sm_info)
+                             gpu_peak_mb=gpu, source_model=sm_info, **settings)
     except BaseException as exc:  # noqa: BLE001 - SystemExit & co. fail this run only
         import logging
         import traceback
@@ -297,7 +303,7 @@ def compute(registry: Any, request: RunRequest, inputs: SplitInputs, *,
         logging.getLogger("dabench").debug("run %s failed:\n%s", spec.key, traceback.format_exc())
         rss, gpu = meter.read()
         return WorkerOutcome("failed", _reason(exc), wall_time_s=time.perf_counter() - t0, rss_peak_mb=rss,
-                             gpu_peak_mb=gpu, source_model=sm_info)
+                             gpu_peak_mb=gpu, source_model=sm_info, **settings)
     for name, value in diag.items():
         scores.extras[f"diag_{name}"] = value
     if sm_info is not None:
@@ -306,7 +312,7 @@ def compute(registry: Any, request: RunRequest, inputs: SplitInputs, *,
             scores.extras["source_model_val_acc"] = sm_info.source_val_acc
     rss, gpu = meter.read()
     return WorkerOutcome("ok", None, target_pred, source_pred, scores, wall, rss, gpu, source_model=sm_info,
-                         diagnostics=dict(diag))
+                         diagnostics=dict(diag), **settings)
 
 
 def labelled_metrics(labels: SplitLabels, target_pred: np.ndarray,

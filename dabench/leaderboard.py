@@ -81,6 +81,7 @@ _REQUIRED = ("pair", "method", "point", "seed", "status", "params")
 _OPTIONAL = (
     "key", "suite", "method_version", "family", "reference", "protocol", "budget", "backbone", "reason",
     "target_acc", "target_f1", "source_acc", "wall_time_s", "rss_peak_mb", "gpu_peak_mb", "finished_at",
+    "device", "threads", "torch_version",
 )
 
 #: A method beating the target-oracle by more than this (and more than the
@@ -89,6 +90,11 @@ SUSPICION_MARGIN = 0.01
 #: Target accuracy counted as near-perfect: a method reaching it where the
 #: target-oracle does not is flagged as suspicious.
 NEAR_PERFECT = 0.99
+
+#: What besides the suite determines a run's result, as stored with it:
+#: ``Leaderboard.settings`` key -> run column.  ``not recorded`` stands for
+#: runs stored without it (by an older dabench).
+RESULT_SETTINGS = {"torch": "torch_version", "threads": "threads", "device": "device"}
 
 #: Decimals used when comparing mean accuracies for ranking, so that equal
 #: means computed in a different summation order still tie.
@@ -863,6 +869,12 @@ def compute_leaderboard(
     settings = {
         k: tuple(sorted({str(v) for v in df[k] if not _isnan(v)})) for k in ("protocol", "budget", "backbone")
     }
+    done = df[df["status"] != "skipped"]  # a skipped run computed nothing
+    for key, col in RESULT_SETTINGS.items():
+        rows = done[done["status"] == "ok"] if col == "device" else done  # a failed run has no device
+        vals = {str(int(v)) if col == "threads" else str(v) for v in rows[col] if not _isnan(v)}
+        missing = any(_isnan(v) for v in rows[col])
+        settings[key] = tuple(sorted(vals, key=lambda v: (len(v), v))) + (("not recorded",) if missing else ())
     return Leaderboard(
         suite=suites[0] if len(suites) == 1 else None,
         validator=validator,
@@ -1134,6 +1146,30 @@ def _md_suspicion(board: Leaderboard) -> list[str]:
     return out
 
 
+def _md_computed_with(board: Leaderboard) -> str:
+    """``Computed with: torch `2.13.0`, 1 thread per run, device `cpu`.``: the
+    settings besides the suite's that determine the results (a rerun with
+    the same ones reproduces the tables)."""
+    parts = []
+    torch_v = board.settings.get("torch", ())
+    if torch_v:
+        parts.append("torch " + " and ".join(f"`{v}`" for v in torch_v))
+    threads = board.settings.get("threads", ())
+    if threads:
+        parts.append(" and ".join(f"`{t}`" for t in threads) + " torch thread" + ("" if threads == ("1",) else "s")
+                     + " per run")
+    device = board.settings.get("device", ())
+    if device:
+        parts.append("device " + " and ".join(f"`{d}`" for d in device))
+    if not parts:
+        return ""
+    line = "Computed with: " + ", ".join(parts) + "."
+    if len(torch_v) > 1 or len(threads) > 1:
+        line += (" The runs were computed with different settings: rerunning them with one setting may change "
+                 "results in the last digits.")
+    return line
+
+
 def to_markdown(board: Leaderboard) -> str:
     """The report as Markdown: the main table, selected hyperparameters,
     source accuracy/forgetting, cost per run, and failed/skipped runs."""
@@ -1152,6 +1188,9 @@ def to_markdown(board: Leaderboard) -> str:
         vals = board.settings.get(key, ())
         if vals:
             out.append(f"{name}: " + "; ".join(f"`{v}`" for v in vals) + ".")
+    computed = _md_computed_with(board)
+    if computed:
+        out.append(computed)
     if board.superseded_runs:
         out.append(
             f"{board.superseded_runs} older run(s) superseded by a later run of the same "

@@ -65,6 +65,11 @@ class RunResult:
     #: peak of torch's CUDA allocator during the run (MiB; None on CPU)
     gpu_peak_mb: float | None = None
     device: str | None = None  # where it ran (None: the runner's device)
+    #: what else determines the result: the torch intra-op threads the run
+    #: had (BLAS/OpenMP pools are capped at the same count by the executors)
+    #: and the torch version
+    threads: int | None = None
+    torch_version: str | None = None
     #: the pair's data is missing or fails its checks (a DataError): the run
     #: is reported but not stored, so that it runs once the data is there
     data_error: bool = False
@@ -396,7 +401,8 @@ class Runner:
             return RunResult(spec, outcome.status, outcome.reason, wall_time_s=outcome.wall_time_s,
                              rss_peak_mb=outcome.rss_peak_mb, gpu_peak_mb=outcome.gpu_peak_mb, device=device,
                              host_error=outcome.host_error, source_model=outcome.source_model,
-                             data_error=outcome.data_error)
+                             data_error=outcome.data_error, threads=outcome.threads,
+                             torch_version=outcome.torch_version)
         try:
             m = labelled_metrics(prepared.labels, outcome.target_pred, outcome.source_pred)
         except Exception as exc:  # predictions of the wrong shape
@@ -405,7 +411,8 @@ class Runner:
         return RunResult(spec, "ok", None, m["target_acc"], m["target_f1"], m["source_acc"],
                          outcome.scores if outcome.scores is not None else RunScores(), outcome.wall_time_s,
                          outcome.rss_peak_mb, outcome.gpu_peak_mb, device, source_model=outcome.source_model,
-                         diagnostics=dict(outcome.diagnostics or {}))
+                         diagnostics=dict(outcome.diagnostics or {}), threads=outcome.threads,
+                         torch_version=outcome.torch_version)
 
     def failure(self, spec: RunSpec, reason: str, device: str | None = None, *, wall_time_s: float = 0.0,
                 host_error: bool = False) -> RunResult:
@@ -450,6 +457,7 @@ class Runner:
             "target_acc": r.target_acc, "target_f1": r.target_f1, "source_acc": r.source_acc,
             "wall_time_s": r.wall_time_s, "rss_peak_mb": r.rss_peak_mb, "gpu_peak_mb": r.gpu_peak_mb,
             "device": (r.device or self.device) if r.status == "ok" else None,
+            "threads": r.threads, "torch_version": r.torch_version,
             "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "dabench_version": __version__,
         }

@@ -21,8 +21,9 @@ was added after schema 1 shipped; it is created on open, so older stores
 keep working (their runs simply have no extras).  Likewise the columns
 ``rss_peak_mb`` and ``gpu_peak_mb`` (which replaced ``peak_mem_mb``: that
 one mixed the CPU process high-water mark, baseline included, with the CUDA
-allocator's peak) are added to older stores when they are opened for
-writing; their old rows keep ``peak_mem_mb`` and have no new values.
+allocator's peak), ``threads`` and ``torch_version`` (what else determines a
+result) are added to older stores when they are opened for writing; their
+old rows keep ``peak_mem_mb`` and read None in the new columns.
 
 Concurrent invocations on one results folder share the work through
 ``leases``: a driver *claims* a run (in a transaction) right before it
@@ -87,6 +88,10 @@ RUN_COLUMNS: dict[str, str] = {
     #: the peak of torch's CUDA allocator during the run, in MiB (None on CPU)
     "gpu_peak_mb": "REAL",
     "device": "TEXT",
+    # what else determines a result: torch threads per run, torch version
+    # (added after schema 1 shipped: older stores get the columns on open)
+    "threads": "INTEGER",
+    "torch_version": "TEXT",
     "started_at": "TEXT",
     "finished_at": "TEXT",
     "dabench_version": "TEXT",

@@ -83,14 +83,23 @@ import numpy as np
 from .contract import CONTRACT_VERSION, Budget, ContractError
 from .data.core import DomainSpec, Protocol
 from .data.files import DomainTableError, parse_domain_table
+from .names import did_you_mean
 from .source_model import SourceRecipe
 from .store import canonical_json, run_key
+from .suitefile import (  # noqa: F401  (re-exported: the names the CLI checks first)
+    MAX_SEEDS,
+    SuiteError,
+    SuiteOutline,
+    check_filters,
+    normalize_pair,
+    outline,
+    read_toml,
+)
 
 #: The per-run wall-time limit when a suite sets none (seconds): generous, so
 #: that only a run that hangs hits it; ``time_limit_s`` or ``--time-limit``
 #: changes it.
 DEFAULT_TIME_LIMIT_S = 4 * 3600
-MAX_SEEDS = 1000
 MAX_SEED = 2**32 - 1
 MAX_POINTS = 10_000
 MAX_RUNS = 200_000
@@ -102,14 +111,6 @@ _INT_RANGES = {
     "steps": (1, 10**9),
     "batch_size": (1, 10**6),
 }
-
-
-class SuiteError(ValueError):
-    """A malformed suite; ``str()`` names the file, the key and what is expected."""
-
-    def __init__(self, path: str | Path, key: str, message: str) -> None:
-        self.path, self.key, self.message = str(path), key, message
-        super().__init__(f"{self.path}: {key}: {message}" if key else f"{self.path}: {message}")
 
 
 @dataclass(frozen=True)
@@ -221,27 +222,78 @@ class Suite:
                                              pair.backbone or self.backbone, recipe))
         return specs
 
+    def pair_labels(self) -> dict[tuple, str]:
+        """Each pair entry's name (keyed by :func:`pair_key`), made unique
+        where one pair is listed under several protocols: ``digits:mnist
+        [feature_space=native, k_target=3]`` (the protocol keys that differ;
+        else also the budget and backbone), as the leaderboard names its
+        columns."""
+        return variant_labels(self.pairs, self.backbone)
+
+    def point_labels(self) -> dict[tuple[str, int], str]:
+        """``{(method, point): label}``: the method's name, followed, when
+        it has several hyperparameter points, by the values that differ
+        between them (``dann lambda_max=1.0``)."""
+        out = {}
+        for m in self.methods:
+            for i, params in enumerate(m.points):
+                suffix = _differing(params, [p for j, p in enumerate(m.points) if j != i])
+                out[(m.name, i)] = f"{m.name} {suffix}" if suffix else m.name
+        return out
+
     def restrict(self, methods: list[str] | None = None, pairs: list[str] | None = None,
                  seeds: int | None = None) -> "Suite":
-        """The suite limited by CLI filters; unknown names raise SuiteError."""
+        """The suite limited by CLI filters; unknown names raise SuiteError
+        (naming the closest ones)."""
         s = replace(self)
+        check_filters(self.path, [m.name for m in self.methods], [p.name for p in self.pairs], methods, pairs, seeds)
         if methods:
-            known = {m.name for m in self.methods}
-            bad = [m for m in methods if m not in known]
-            if bad:
-                raise SuiteError(self.path, "--methods", f"{bad} not in this suite; it has {sorted(known)}")
             s.methods = [m for m in self.methods if m.name in methods]
         if pairs:
-            known = {p.name for p in self.pairs}
-            bad = [p for p in pairs if p not in known]
-            if bad:
-                raise SuiteError(self.path, "--pairs", f"{bad} not in this suite; it has {sorted(known)}")
-            s.pairs = [p for p in self.pairs if p.name in pairs]
+            wanted = {normalize_pair(p) for p in pairs}
+            s.pairs = [p for p in self.pairs if p.name in wanted]
         if seeds is not None:
-            if not 1 <= seeds <= MAX_SEEDS:
-                raise SuiteError(self.path, "--seeds", f"expected an integer in [1, {MAX_SEEDS}]")
             s.seeds = list(range(seeds))
         return s
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _differing(variant: dict[str, Any], others: list[dict[str, Any]]) -> str:
+    """``k=v, ...`` for the keys where ``variant`` differs from some other."""
+    keys = sorted(k for k in variant if any(o.get(k) != variant[k] for o in others))
+    return ", ".join(f"{k}={_fmt_value(variant[k])}" for k in keys)
+
+
+def pair_key(e: PairEntry) -> tuple:
+    """What tells apart the entries of a suite's ``pairs`` list (a value, so
+    a run spec sent to a worker and back still finds its label)."""
+    return (e.name, canonical_json(e.protocol.as_dict()), e.budget.steps, e.budget.batch_size, e.backbone)
+
+
+def variant_labels(pairs: list[PairEntry], backbone: str = "default") -> dict[tuple, str]:
+    """See :meth:`Suite.pair_labels`."""
+    out: dict[tuple, str] = {}
+    for p in pairs:
+        same = [q for q in pairs if q.name == p.name and pair_key(q) != pair_key(p)]
+        if not same:
+            out[pair_key(p)] = p.name
+            continue
+
+        def proto(e: PairEntry) -> dict[str, Any]:
+            return e.protocol.as_dict()
+
+        def everything(e: PairEntry) -> dict[str, Any]:
+            return dict(proto(e), steps=e.budget.steps, batch_size=e.budget.batch_size,
+                        backbone=e.backbone or backbone)
+
+        suffix = _differing(proto(p), [proto(q) for q in same]) or _differing(everything(p), [everything(q) for q in same])
+        out[pair_key(p)] = f"{p.name} [{suffix}]" if suffix else p.name
+    return out
 
 
 # ----------------------------------------------------------------- parsing
@@ -273,7 +325,29 @@ def _check_keys(path: Path, where: str, table: dict, allowed: set[str]) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
         prefix = f"{where}." if where else ""
-        raise SuiteError(path, prefix + unknown[0], f"unknown key; allowed keys here: {sorted(allowed)}")
+        hint = did_you_mean(unknown[0], allowed)
+        raise SuiteError(path, prefix + unknown[0],
+                         f"unknown key{'; ' + hint if hint else ''}; allowed keys here: {sorted(allowed)}")
+
+
+def _unknown_name(kind: str, name: str, available: Any, registry: Any = None, label: str | None = None) -> str:
+    """``unknown method 'dnn'; did you mean 'dann'? available: [...]``, or,
+    when a plugin said it cannot provide ``name`` here, why; a whole plugin
+    that is unavailable here is mentioned (it may be the one providing it)."""
+    notes = list(getattr(registry, "unavailable", ()) or ())
+    for u in notes:
+        if u.kind == kind and u.name == name:
+            return f"{label or kind} {name!r} is unavailable here: {u.reason}"
+    hint = did_you_mean(name, available)
+    if hint and len(available) > 15:  # a long list buries the hint
+        msg = f"unknown {label or kind} {name!r}; {hint} (`dabench list {kind}s` lists all {len(available)})"
+    else:
+        msg = f"unknown {label or kind} {name!r}{'; ' + hint if hint else ''}; available: {sorted(available)}"
+    off = sorted({u.plugin for u in notes if u.kind == "plugin"})
+    if off:
+        msg += (f" (unavailable here: plugin{'s' if len(off) > 1 else ''} {', '.join(repr(p) for p in off)}; "
+                f"`dabench list plugins` says why)")
+    return msg
 
 
 def _int_in_range(path: Path, key: str, value: Any, kind: str) -> int:
@@ -368,7 +442,9 @@ def _points(path: Path, name: str, table: dict, cls: Any) -> tuple[dict[str, Any
     for k in list(fixed) + list(grid):
         if k not in hps:
             sec = "params" if k in fixed else "grid"
-            raise SuiteError(path, f"{where}.{sec}.{k}", f"method {name!r} has no such hyperparameter; declared: {sorted(hps)}")
+            hint = did_you_mean(k, hps)
+            raise SuiteError(path, f"{where}.{sec}.{k}", f"method {name!r} has no such hyperparameter"
+                                                          f"{'; ' + hint if hint else ''}; declared: {sorted(hps)}")
     for k, vals in grid.items():
         _expect(path, f"{where}.grid.{k}", vals, list, "a non-empty list of values")
         if not vals:
@@ -471,14 +547,7 @@ def parse_suite(path: str | Path, registry: Any, data_root: str | Path | None = 
     the per-user data folder) is where relative paths of ``[domains.NAME]``
     files are looked up first, before the suite's folder."""
     path = Path(path)
-    if not path.is_file():
-        raise SuiteError(path, "", "no such suite file")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise SuiteError(path, "", f"not valid TOML: {e}") from None
-    except UnicodeDecodeError:
-        raise SuiteError(path, "", "not a UTF-8 text file") from None
+    raw = read_toml(path)
     _check_keys(path, "", raw, _TOP)
     if "name" not in raw:
         raise SuiteError(path, "name", "missing; expected a string naming the suite (used for the results folder)")
@@ -519,10 +588,10 @@ def parse_suite(path: str | Path, registry: Any, data_root: str | Path | None = 
 
     validator = _expect(path, "validator", raw.get("validator", "source-val"), str, "a string")
     if validator not in registry.validators:
-        raise SuiteError(path, "validator", f"unknown validator {validator!r}; available: {sorted(registry.validators)}")
+        raise SuiteError(path, "validator", _unknown_name("validator", validator, registry.validators, registry))
     backbone = _expect(path, "backbone", raw.get("backbone", "default"), str, "a string")
     if backbone not in registry.backbones:
-        raise SuiteError(path, "backbone", f"unknown backbone {backbone!r}; available: {sorted(registry.backbones)}")
+        raise SuiteError(path, "backbone", _unknown_name("backbone", backbone, registry.backbones, registry))
 
     domains = _domains(path, raw.get("domains", {}), registry, data_root)
     datasets = {**registry.datasets, **domains}
@@ -554,7 +623,7 @@ def parse_suite(path: str | Path, registry: Any, data_root: str | Path | None = 
                 p_backbone = _expect(path, f"{where}.backbone", entry["backbone"], str, "a string")
                 if p_backbone not in registry.backbones:
                     raise SuiteError(path, f"{where}.backbone",
-                                     f"unknown backbone {p_backbone!r}; available: {sorted(registry.backbones)}")
+                                     _unknown_name("backbone", p_backbone, registry.backbones, registry))
             where, entry = f"{where}.pair", entry["pair"]
         pname = _expect(path, where, entry, str, '"source:target"')
         if pname.count(":") != 1:
@@ -562,8 +631,8 @@ def parse_suite(path: str | Path, registry: Any, data_root: str | Path | None = 
         src, tgt = pname.split(":")
         for role, d in (("source", src), ("target", tgt)):
             if d not in datasets:
-                raise SuiteError(path, where, f"unknown {role} dataset {d!r}; available: {sorted(datasets)} "
-                                              f"(or declare it in a [domains.{d}] table)")
+                raise SuiteError(path, where, _unknown_name("dataset", d, datasets, registry, f"{role} dataset")
+                                 + f" (or declare it in a [domains.{d}] table)")
         s_spec, t_spec = datasets[src], datasets[tgt]
         if s_spec.label_space != t_spec.label_space:
             raise SuiteError(path, where, f"{src!r} ({s_spec.label_space}) and {tgt!r} ({t_spec.label_space}) have different label spaces")
@@ -589,7 +658,7 @@ def parse_suite(path: str | Path, registry: Any, data_root: str | Path | None = 
     methods = []
     for mname, table in methods_raw.items():
         if mname not in registry.methods:
-            raise SuiteError(path, f"methods.{mname}", f"unknown method; available: {sorted(registry.methods)}")
+            raise SuiteError(path, f"methods.{mname}", _unknown_name("method", mname, registry.methods, registry))
         _expect(path, f"methods.{mname}", table, dict, "a table")
         methods.append(MethodEntry(mname, _points(path, mname, table, registry.methods[mname])))
 

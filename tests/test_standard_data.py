@@ -692,7 +692,7 @@ def test_pairs_may_override_the_backbone(registry, tmp_path):
         parse_suite(_suite(tmp_path, '{ pair = "svhn:mnist-full", backbone = "nope" }'), registry)
 
 
-@pytest.mark.parametrize("jobs", [None, "2"])
+@pytest.mark.parametrize("jobs", ["1", "2"])
 def test_run_with_missing_data_says_so_once_per_dataset_and_stores_nothing(tmp_path, jobs):
     """A suite whose data is absent: each dataset's message (file, place, the
     download command) once in the progress and once at the end, exit 1, and

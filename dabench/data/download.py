@@ -957,12 +957,17 @@ def summarize(data_root: str | os.PathLike | DataRoot | None = None) -> list[Dat
                       or (f.extract and _marker(folder, f).is_file()))
         n_up = sum(1 for f in ds.files if f.sha256 or f.md5)
         n_pin = sum(1 for f in ds.files if not (f.sha256 or f.md5) and f.name in pins)
+        rest = len(ds.files) - n_up  # files without a published hash: pinned (sha256) on first download
         if n_up == len(ds.files):
             algos = {"sha256" if f.sha256 else "md5" for f in ds.files}
             hashes = f"upstream {'+'.join(sorted(algos))}"
-        elif n_up:
-            hashes = f"upstream for {n_up}/{len(ds.files)}"
         else:
-            hashes = "none upstream" + (f"; {n_pin} pinned locally" if n_pin else "")
+            hashes = f"upstream for {n_up}/{len(ds.files)}" if n_up else "none upstream"
+            if n_pin == rest:
+                hashes += ", pinned here"
+            elif n_pin:
+                hashes += f", {n_pin}/{rest} pinned here, the rest on first download"
+            else:
+                hashes += ", pinned on first download"
         out.append(DatasetState(ds, present, len(ds.files), hashes, folder))
     return out
