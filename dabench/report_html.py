@@ -47,6 +47,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.nt{background:#f9d3d0;font-weight:600}
 td.better{background:#d5ecd5}
 td.warn{background:#fdebc8}
+td.suspect{background:#e8d5f5;font-weight:600}
 code{background:#f3f3f3;padding:0 .2em;border-radius:3px;font-size:.92em}
 figure{margin:1em 0}
 figcaption{font-size:.9em;color:#444;max-width:60em}
@@ -81,7 +82,9 @@ def _cell_class(text: str, right: bool) -> str:
     classes = []
     if right or re.fullmatch(r"[-+]?[\d.]+\*?|—", text):
         classes.append("num")
-    if "**NT**" in text or "**negative transfer**" in text:
+    if "**SUSPECT**" in text:
+        classes.append("suspect")
+    elif "**NT**" in text or "**negative transfer**" in text:
         classes.append("nt")
     elif text.endswith(" better"):
         classes.append("better")
@@ -286,7 +289,13 @@ def to_html(board: Leaderboard) -> str:
     body = markdown_to_html(to_markdown(board))
     title = f"Leaderboard: {board.suite}" if board.suite else "Leaderboard"
     figures = []
-    heat = _heatmap(board)
+    _pyplot()
+    import matplotlib
+
+    # names are plain text: a '$' in a method name must not start math text
+    with matplotlib.rc_context({"text.parse_math": False}):
+        heat = _heatmap(board)
+        ranks, caption = _rank_plot(board)
     if heat:
         figures.append(
             f'<figure id="gain-heatmap"><img alt="gain over reference heatmap" src="data:image/png;base64,{heat}">'
@@ -294,7 +303,6 @@ def to_html(board: Leaderboard) -> str:
             f"differences); outlined <strong>NT</strong> cells are significant negative transfer (paired t-test, "
             f"Holm-corrected).</figcaption></figure>"
         )
-    ranks, caption = _rank_plot(board)
     if ranks:
         figures.append(
             f'<figure id="rank-plot"><img alt="average rank diagram" src="data:image/png;base64,{ranks}">'
