@@ -8,6 +8,9 @@ like every dabench backbone:
   2017; CDAN, Long et al. 2018; TLlib's ``lenet``): conv5×5-20, maxpool 2,
   ReLU, conv5×5-50, dropout2d 0.5, maxpool 2, ReLU, flatten, fc-500, ReLU,
   dropout 0.5 (500-d features).  Used for MNIST↔USPS at 28×28.
+- ``"lenet-tllib"``: that LeNet followed by TLlib's 256-d bottleneck
+  (``Linear(500, 256)``, batch norm, ReLU), the network of TLlib's digit
+  DANN/CDAN scripts.
 - ``"dtn"``: the DTN of the SVHN→MNIST benchmark (CDAN; TLlib's ``dtn``):
   three conv5×5 stride-2 layers (64, 128, 256 channels) with batch norm,
   dropout2d (0.1, 0.3, 0.5) and ReLU, then fc-512, batch norm, ReLU,
@@ -73,6 +76,17 @@ def lenet_backbone(shape: tuple[int, ...]) -> tuple[nn.Module, int]:
     d = _flat_dim(convs, (c, h, w))
     net = nn.Sequential(_Unflatten((c, h, w)), convs, nn.Linear(d, 500), nn.ReLU(), nn.Dropout(p=0.5))
     return _channels_last(net), 500
+
+
+def lenet_tllib_backbone(shape: tuple[int, ...], bottleneck: int = 256) -> tuple[nn.Module, int]:
+    """TLlib's digit network: :func:`lenet_backbone` followed by the
+    bottleneck of its ``ImageClassifier`` (``Linear(500, 256)``,
+    ``BatchNorm1d``, ReLU; ``bottleneck_dim=256`` in the DANN/CDAN digit
+    scripts), 256-d output.  The linear head of every method sits on the
+    bottleneck, as in TLlib."""
+    net, d = lenet_backbone(shape)
+    net = nn.Sequential(net, nn.Linear(d, bottleneck), nn.BatchNorm1d(bottleneck), nn.ReLU())
+    return _channels_last(net), bottleneck
 
 
 def dtn_backbone(shape: tuple[int, ...]) -> tuple[nn.Module, int]:
@@ -168,9 +182,10 @@ def get_feature_extractor(name: str, device: str | None = None):
 def dabench_backbones(register) -> None:  # type: ignore[no-untyped-def]
     """Register LeNet, DTN and the ImageNet ResNets."""
     register("lenet", lenet_backbone)
+    register("lenet-tllib", lenet_tllib_backbone)
     register("dtn", dtn_backbone)
     register("resnet50", resnet50_backbone)
     register("resnet101", resnet101_backbone)
 
 
-__all__ = ["dtn_backbone", "get_feature_extractor", "lenet_backbone", "resnet101_backbone", "resnet50_backbone"]
+__all__ = ["dtn_backbone", "get_feature_extractor", "lenet_backbone", "lenet_tllib_backbone", "resnet101_backbone", "resnet50_backbone"]

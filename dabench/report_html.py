@@ -47,6 +47,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.nt{background:#f9d3d0;font-weight:600}
 td.better{background:#d5ecd5}
 td.warn{background:#fdebc8}
+td.suspect{background:#e8d5f5;font-weight:600}
 code{background:#f3f3f3;padding:0 .2em;border-radius:3px;font-size:.92em}
 figure{margin:1em 0}
 figcaption{font-size:.9em;color:#444;max-width:60em}
@@ -81,7 +82,9 @@ def _cell_class(text: str, right: bool) -> str:
     classes = []
     if right or re.fullmatch(r"[-+]?[\d.]+\*?|—", text):
         classes.append("num")
-    if "**NT**" in text or "**negative transfer**" in text:
+    if "**SUSPECT**" in text:
+        classes.append("suspect")
+    elif "**NT**" in text or "**negative transfer**" in text:
         classes.append("nt")
     elif text.endswith(" better"):
         classes.append("better")
@@ -294,7 +297,14 @@ def to_html(board: Leaderboard) -> str:
     body = markdown_to_html(to_markdown(board))
     title = f"Leaderboard: {board.suite}" if board.suite else "Leaderboard"
     figures = []
-    heat = _heatmap(board)
+    _pyplot()
+    import matplotlib
+
+    # names are plain text: a '$' in a method name must not start math text
+    with matplotlib.rc_context({"text.parse_math": False}):
+        heat = _heatmap(board)
+        tracks = [t for t in dict.fromkeys(board.methods["track"])] if "track" in board.methods else ["uda"]
+        rank_plots = [(track, *_rank_plot(board, track if len(tracks) > 1 else None)) for track in tracks]
     if heat:
         figures.append(
             f'<figure id="gain-heatmap"><img alt="gain over reference heatmap" src="data:image/png;base64,{heat}">'
@@ -302,9 +312,7 @@ def to_html(board: Leaderboard) -> str:
             f"differences); outlined <strong>NT</strong> cells are significant negative transfer (paired t-test, "
             f"Holm-corrected).</figcaption></figure>"
         )
-    tracks = [t for t in dict.fromkeys(board.methods["track"])] if "track" in board.methods else ["uda"]
-    for track in tracks:
-        ranks, caption = _rank_plot(board, track if len(tracks) > 1 else None)
+    for track, ranks, caption in rank_plots:
         if ranks:
             fid = "rank-plot" if len(tracks) == 1 else f"rank-plot-{track}"
             figures.append(

@@ -35,9 +35,13 @@ budget (a few seconds in all):
   probabilities (the host seeds Python, NumPy and torch with ``task.seed``
   before ``fit``, exactly as the runner does).
 - ``check_no_target_labels``: the task holds no target test labels, and
-  while ``fit`` runs the labels the host keeps (target test labels, and
-  target train labels for non-oracle methods) are *guard objects* that
-  record and refuse any access.
+  the kit holds no real target labels at all: its tiny splits keep *guard
+  objects* in their place (target test labels, and target train labels for
+  non-oracle methods) that record and refuse any access.  The guards catch
+  *accidental* use (a method reading the wrong split, a helper that walks
+  into the host's objects); they are not a sandbox.  Plugins are trusted
+  code: a method determined to cheat can reload a public dataset itself,
+  which is what the leaderboard's suspicion flag is for.
 - ``check_failure_is_stored``: when ``fit`` fails (the kit makes reading the
   task's data raise), the host's Runner stores a ``failed`` run with the
   reason and the sweep goes on; the method must not swallow the error or
@@ -198,8 +202,7 @@ def _kit_registry():
     return build_registry(pm)
 
 
-@functools.lru_cache(maxsize=8)
-def _split(tiny: TinyTask, seed: int):
+def _make_split(tiny: TinyTask, seed: int):
     reg = _kit_registry()
     s, t = tiny.pair.split(":")
     from .data.core import check_domain_arrays, make_split
@@ -207,6 +210,24 @@ def _split(tiny: TinyTask, seed: int):
     src, tgt = reg.datasets[s], reg.datasets[t]
     return make_split(tiny.pair, src, tgt, check_domain_arrays(src, *src.load(None)),
                       check_domain_arrays(tgt, *tgt.load(None)), seed=seed, protocol=tiny.protocol())
+
+
+@functools.lru_cache(maxsize=8)
+def _split(tiny: TinyTask, seed: int):
+    """The tiny split as the kit keeps it: its target labels (test, and train)
+    are guards, so no real target label is in the process while fits run."""
+    raw = _make_split(tiny, seed)
+    return dataclasses.replace(
+        raw,
+        target_test=_guarded(raw.target_test, "target test labels", _ACCESSES),
+        target_train=_guarded(raw.target_train, "target train labels", _ACCESSES),
+    )
+
+
+def _oracle_labels(tiny: TinyTask, seed: int) -> np.ndarray:
+    """Target *train* labels for a method declaring ``oracle`` (made on
+    demand, never kept)."""
+    return np.array(_make_split(tiny, seed).target_train.y)
 
 
 def _task(cls: type[Method], tiny: TinyTask, seed: int = 0, device: str = "cpu",
@@ -219,7 +240,9 @@ def _task(cls: type[Method], tiny: TinyTask, seed: int = 0, device: str = "cpu",
     split = _split(tiny, seed)
     track = getattr(cls, "track", "uda")
     task = split.task(seed=seed, device=device, budget=Budget(tiny.steps, tiny.batch_size),
-                      backbone=_kit_registry().backbones[tiny.backbone], oracle="oracle" in cls.requires)
+                      backbone=_kit_registry().backbones[tiny.backbone], oracle=False)
+    if "oracle" in cls.requires:
+        task = dataclasses.replace(task, target_train_labels=_oracle_labels(tiny, seed))
     if source_model and "source_model" in cls.requires and cls.skip(task_for_track(task, track)[0]) is None:
         from .source_model import with_source_model
 
@@ -305,6 +328,8 @@ def _guarded(lab: Labeled, what: str, log: list[str]) -> Labeled:
 # Kept at module level while a fit runs, so the guards are where a cheating
 # method would look (gc, frames, module globals).
 _GUARDED_SPLITS: list[Any] = []
+#: every recorded access to a guard (a fit reads the entries added while it ran)
+_ACCESSES: list[str] = []
 
 
 @dataclass
@@ -333,16 +358,11 @@ def _fit(cls: type[Method], tiny: TinyTask, seed: int = 0, device: str = "cpu",
     from .training import seed_everything
 
     out = _Fit(tiny=tiny)
-    split = _split(tiny, seed)
+    guarded = _split(tiny, seed)  # its target labels are guards
     task = _task(cls, tiny, seed, device, log=out.withheld)
     out.task = task
-    oracle = "oracle" in cls.requires
-    guarded = dataclasses.replace(
-        split,
-        target_test=_guarded(split.target_test, "target test labels", out.accesses),
-        target_train=split.target_train if oracle else _guarded(split.target_train, "target train labels", out.accesses),
-    )
     _GUARDED_SPLITS.append(guarded)
+    start = len(_ACCESSES)
     try:
         seed_everything(seed)
         method = cls(**(params or {}))
@@ -360,6 +380,8 @@ def _fit(cls: type[Method], tiny: TinyTask, seed: int = 0, device: str = "cpu",
         out.trace = traceback.format_exc()
     finally:
         _GUARDED_SPLITS.remove(guarded)
+        out.accesses = _ACCESSES[start:]
+        del _ACCESSES[start:]
     return out
 
 
@@ -632,7 +654,7 @@ def check_no_target_labels(cls: type[Method], ctx: _Context) -> str:
     f = _cached_fit(cls, ctx)
     split = _split(ctx.tiny, 0)
     for o in _reachable(f.task).values():
-        if o is split.target_test or o is split.target_test.y:
+        if o is split.target_test or o is split.target_test.y or isinstance(o, _LabelGuard):
             raise CheckFailed("the task reaches the host's target test labels (a host bug, not yours): report it")
     if f.accesses:
         raise CheckFailed(f"fit touched {sorted(set(f.accesses))}; a method may use only the Task it is given "
@@ -671,6 +693,8 @@ def check_failure_is_stored(cls: type[Method], ctx: _Context) -> str:
     from .store import RunStore
     from .suite import parse_suite
 
+    escaped: list[BaseException] = []
+
     class Failing(cls):  # type: ignore[misc, valid-type]
         def fit(self, task: Task) -> Any:
             poisoned = dataclasses.replace(
@@ -680,7 +704,15 @@ def check_failure_is_stored(cls: type[Method], ctx: _Context) -> str:
                 target_train_labels=None if task.target_train_labels is None else _Poison("target_train_labels"),
                 source_model=None if task.source_model is None else _Poison("source_model"),
             )
-            return super().fit(poisoned)
+            try:
+                return super().fit(poisoned)
+            except KeyboardInterrupt:
+                raise
+            except Exception:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - SystemExit & co.: noted, then handled by the host
+                escaped.append(exc)
+                raise
 
     Failing.__name__ = cls.__name__
     kit = _kit_registry()
@@ -702,13 +734,16 @@ def check_failure_is_stored(cls: type[Method], ctx: _Context) -> str:
         batch_size = {t.batch_size}
         [methods.{cls.name}]
         """)
+    from .executors import InProcessExecutor
+
     with tempfile.TemporaryDirectory(prefix="dabench-kit-") as tmp:
         path = Path(tmp) / "kit.toml"
         path.write_text(suite_text, encoding="utf-8")
         suite = parse_suite(path, reg)
         store = RunStore(Path(tmp) / "res")
         try:
-            summary = Runner(reg, store, device="cpu").run(suite)
+            # the Failing subclass lives in this process only: run it here
+            summary = Runner(reg, store, device="cpu").run(suite, executor=InProcessExecutor())
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: BLE001
@@ -727,6 +762,10 @@ def check_failure_is_stored(cls: type[Method], ctx: _Context) -> str:
         raise CheckFailed(f"expected both runs stored as failed, got {statuses}")
     if not all(r["reason"] for r in rows):
         raise CheckFailed("a failed run was stored without a reason")
+    if escaped:
+        raise CheckFailed(f"fit raised {_exc_line(escaped[0])} when reading the task's data raised; dabench stores "
+                          f"the run as failed, but a caller using the method outside dabench loses its whole "
+                          f"program: raise an Exception subclass (e.g. RuntimeError) instead")
     return f"both failing runs stored as failed ({rows[0]['reason'][:60]}...)"
 
 

@@ -506,8 +506,8 @@ def dabench_unavailable(register) -> None:  # type: ignore[no-untyped-def]
     missing = missing_modules()
     if missing:
         register("plugin", "pytorch-adapt",
-                 f"{', '.join(missing)} not installed, so no pa-* method or validator is registered; "
-                 f"pip install 'dabench[pytorch-adapt]' (or: {INSTALL})")
+                 f"{', '.join(missing)} not installed (an optional extra: pip install 'dabench[pytorch-adapt]'; "
+                 f"without torchvision, the README's --no-deps command)")
         return
     module, reason = _validators_module()
     if module is None:

@@ -234,7 +234,7 @@ size = [224, 224]
         out[n] = r
     dt = out[warmup + steps].wall_time_s - out[warmup].wall_time_s
     return {"images_per_s": 2 * batch * steps / dt, "s": dt, "target_acc": out[warmup + steps].target_acc,
-            "peak_gpu_mem_mb": out[warmup + steps].peak_mem_mb}
+            "peak_gpu_mem_mb": out[warmup + steps].gpu_peak_mb}
 
 
 def main() -> None:

@@ -54,6 +54,9 @@ def mirror(tmp_path, monkeypatch):
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     monkeypatch.setenv("DABENCH_MIRROR", f"http://127.0.0.1:{srv.server_port}")
+    # a plain-http mirror: files without a published hash need the explicit opt-in
+    # (test_http_mirror_is_refused_for_unhashed_files checks the refusal)
+    monkeypatch.setenv("DABENCH_ALLOW_HTTP", "1")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.delenv("DABENCH_DATA", raising=False)
     yield folder
@@ -689,7 +692,7 @@ def test_pairs_may_override_the_backbone(registry, tmp_path):
         parse_suite(_suite(tmp_path, '{ pair = "svhn:mnist-full", backbone = "nope" }'), registry)
 
 
-@pytest.mark.parametrize("jobs", [None, "2"])
+@pytest.mark.parametrize("jobs", ["1", "2"])
 def test_run_with_missing_data_says_so_once_per_dataset_and_stores_nothing(tmp_path, jobs):
     """A suite whose data is absent: each dataset's message (file, place, the
     download command) once in the progress and once at the end, exit 1, and
