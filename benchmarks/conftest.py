@@ -31,12 +31,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
       f"{os.getloadavg()[0]:.1f})")
     dann: dict[str, dict[str, object]] = {}
     pool: dict[int, object] = {}
+    worker: dict[str, object] = {}
     for b in benches:
         info = b.extra_info
         if info.get("kind") == "dann":
             dann.setdefault(info["pair"], {})[info["impl"]] = b
         elif info.get("kind") == "pool":
             pool[info["jobs"]] = b
+        elif info.get("kind") == "worker":
+            worker[info["where"]] = b
     for pair, impls in sorted(dann.items()):
         ref = impls.get("dabench")
         if ref is None:
@@ -71,3 +74,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
           f"speed-up {one.stats.median / two.stats.median:.2f}x  "
           f"(cpu {one.extra_info['cpu_s']:.0f} s vs {two.extra_info['cpu_s']:.0f} s; "
           f"load {one.extra_info['loadavg']:.1f} / {two.extra_info['loadavg']:.1f})")
+    if "inprocess" in worker and "worker" in worker:
+        a, b = worker["inprocess"], worker["worker"]
+        n = a.extra_info["runs"]
+        spawn = worker.get("spawn")
+        start = spawn.stats.median if spawn is not None else 0.0
+        w(f"fit in a worker process, {n} runs of a trivial method (one split each): in process "
+          f"{a.stats.median:.2f} s, through the serial worker {b.stats.median:.2f} s, of which starting the "
+          f"worker ~{start:.2f} s -> {(b.stats.median - start - a.stats.median) / n * 1e3:+.0f} ms per run "
+          f"besides the start (a fresh process per run would add ~{start:.2f} s to every run); "
+          f"load {b.extra_info['loadavg']:.1f}")

@@ -1,5 +1,5 @@
-"""Quick-suite wall time with 1 worker (the serial executor, torch's default
-threads) and 2 workers (the process pool, ``max(1, cores // 2)`` threads each).
+"""Quick-suite wall time with 1 worker (the serial executor) and 2 workers
+(the process pool), 1 thread per run in both (dabench's default).
 
 A subset of the quick suite keeps it reasonable: by default every pair and
 method with one seed (105 of its 315 runs); ``DABENCH_BENCH_SEEDS=3`` times

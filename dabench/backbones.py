@@ -5,7 +5,10 @@ module takes *flattened* inputs ``(n, prod(shape))`` (that is how a
 :class:`dabench.Task` stores ``X``) and returns ``(n, out_dim)`` features; it
 reshapes image inputs itself.  Factories build fresh weights from torch's
 global generator, so a method seeds (``dabench.training.seed_everything``)
-before calling ``task.backbone(shape)``.
+before calling ``task.backbone(shape)``.  A factory whose module starts from
+pretrained weights marks it with :func:`mark_pretrained`; methods fine-tune
+such a backbone at ``backbone_lr_mult`` (default 0.1) times the heads'
+learning rate, and train the others at the heads' rate.
 
 Registered names (``backbone = "..."`` in a suite):
 
@@ -44,6 +47,8 @@ __all__ = [
     "default_bn_backbone",
     "has_batch_norm",
     "dann_mnist_backbone",
+    "is_pretrained",
+    "mark_pretrained",
     "mlp_backbone",
     "small_cnn_backbone",
 ]
@@ -75,6 +80,20 @@ def _channels_last(net: nn.Module) -> nn.Module:
     output (numerically the same network; faster on CPU and on GPUs with
     tensor cores)."""
     return net.to(memory_format=torch.channels_last)
+
+
+def mark_pretrained(module: nn.Module, weights: str) -> nn.Module:
+    """Declare that ``module`` starts from pretrained ``weights`` (e.g.
+    ``"torchvision ResNet50_Weights.IMAGENET1K_V1"``): methods then fine-tune
+    it at ``backbone_lr_mult`` times their learning rate
+    (:func:`dabench.training.backbone_param_groups`).  Returns ``module``."""
+    module.dabench_pretrained = str(weights)
+    return module
+
+
+def is_pretrained(module: nn.Module) -> bool:
+    """Whether a backbone factory marked ``module`` with :func:`mark_pretrained`."""
+    return bool(getattr(module, "dabench_pretrained", None))
 
 
 def _check_shape(shape: tuple[int, ...]) -> tuple[int, ...]:

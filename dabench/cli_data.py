@@ -1,7 +1,7 @@
 """``dabench data``: list, download and verify the standard datasets.
 
     dabench data list [--data-root DIR] [--json]
-    dabench data download NAME [--data-root DIR] [--progress]
+    dabench data download NAME [--data-root DIR] [--progress] [--allow-http]
     dabench data verify NAME [--data-root DIR]
 
 The data root is ``--data-root``, else ``$DABENCH_DATA``, else the per-user
@@ -44,10 +44,12 @@ def cmd_data(args: argparse.Namespace, console: Any) -> int:
             } for s in states], indent=2))
             return 0
         console.info(f"{root.describe()}" + (f"; mirror {mirror()}" if mirror() else ""))
-        for s in states:
-            how = "manual download" if s.dataset.manual else "dabench data download " + s.dataset.name
-            console.out(f"{s.dataset.name:<17} {s.present}/{s.total} files  {s.hashes:<22} {how:<36} "
-                        f"{s.dataset.title}")
+        rows = [(s.dataset.name, f"{s.present}/{s.total} files", s.hashes,
+                 "manual download" if s.dataset.manual else "dabench data download " + s.dataset.name,
+                 s.dataset.title) for s in states]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)] if rows else []
+        for r in rows:
+            console.out("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
         return 0
 
     name = args.name
@@ -62,6 +64,12 @@ def cmd_data(args: argparse.Namespace, console: Any) -> int:
             from .data.download import download
 
             console.info(f"{name}: {root.describe()}" + (f"; mirror {mirror()}" if mirror() else ""))
+            if args.allow_http:
+                import os
+
+                from .data.download import ALLOW_HTTP_VAR
+
+                os.environ[ALLOW_HTTP_VAR] = "1"
             statuses = download(name, root, progress=args.progress)
         else:
             from .data.download import verify
@@ -94,6 +102,9 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser] | None = 
     dl.add_argument("name", metavar="NAME", help="a dataset of `dabench data list`, e.g. mnist")
     dl.add_argument("--data-root", metavar="DIR", help=root_help)
     dl.add_argument("--progress", action="store_true", help="show a progress bar (needs tqdm)")
+    dl.add_argument("--allow-http", action="store_true",
+                    help="accept plain-http downloads of files with no published hash and no local pin "
+                         "(same as DABENCH_ALLOW_HTTP=1; they are pinned on first use)")
     vf = sub.add_parser("verify", help="check every file of a dataset against its sha256")
     vf.add_argument("name", metavar="NAME", help="a dataset of `dabench data list`, e.g. mnist")
     vf.add_argument("--data-root", metavar="DIR", help=root_help)

@@ -27,8 +27,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .contract import CONTRACT_VERSION
-
 EXIT_FAIL = 1
 EXIT_BAD_INPUT = 2
 
@@ -221,6 +219,8 @@ def scaffold(name: str, folder: Path, force: bool = False) -> list[Path]:
     root = folder / f"dabench-{name}"
     if root.exists() and any(root.iterdir()) and not force:
         raise FileExistsError(f"{root} exists and is not empty; choose another --dir or pass --force")
+    from .contract import CONTRACT_VERSION  # not at the top: the CLI parser loads this module, NumPy stays unloaded
+
     subs = {"NAME": name, "PKG": pkg, "CLS": cls, "CONTRACT": CONTRACT_VERSION}
     files = {
         root / "pyproject.toml": _PYPROJECT,

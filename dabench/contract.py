@@ -8,6 +8,20 @@ written for another major version with a message naming the plugin.
 Target test labels never enter a :class:`Task`.  The host keeps the target
 test split in its own :class:`~dabench.data.core.PairSplit` and evaluates the
 returned :class:`Predictor` on it after ``fit`` returns.
+
+Every method runs under one **track** (:data:`TRACKS`, ``Method.track``),
+which fixes what its ``Task`` holds (contract revision 1.3; see
+:mod:`dabench.tracks` for how the host builds each track's ``Task`` and
+evaluates it):
+
+- ``"uda"``: labelled source + unlabelled target train (the default);
+- ``"source-free"``: the host's shared source model + unlabelled target
+  train; no source data at all (``source_train`` and ``source_val`` are
+  withheld: reading them fails the run);
+- ``"test-time"``: the shared source model only; ``fit`` returns an
+  :class:`OnlineAdapter` and the host feeds it the target *test* inputs
+  in seeded batches, one at a time, scoring the predictions it returns
+  for each batch (online: no second pass, no target train split).
 """
 
 from __future__ import annotations
@@ -22,7 +36,23 @@ CONTRACT_VERSION = "1"
 #: Backward-compatible revisions of the contract within :data:`CONTRACT_VERSION`
 #: (new optional Task fields, new helpers).  A plugin needing revision ``r``
 #: declares ``requires_contract = "1.r"``; hosts with an older revision refuse it.
-CONTRACT_REVISION = 1
+CONTRACT_REVISION = 3
+#: Revision 1: the host's shared source model (``Task.source_model``, the
+#: ``source_model`` requirement).  Revision 2: streamed image domains
+#: (``Task.streamed``, an ``X`` that is a :class:`dabench.data.stream.ImageStream`),
+#: the ``arrays`` requirement.  Revision 3: tracks (``Method.track``,
+#: ``Task.track``, withheld fields, :class:`OnlineAdapter`).
+
+#: The settings a method can run under (``Method.track``): what its Task
+#: holds.  Revision 1.3 added the ``source-free`` and ``test-time`` tracks.
+TRACKS = {
+    "uda": "labelled source data + unlabelled target train data (unsupervised domain adaptation)",
+    "source-free": ("the host's shared source model + unlabelled target train data; no source data at all "
+                    "(source-free domain adaptation)"),
+    "test-time": ("the host's shared source model + the target test stream, delivered in seeded batches "
+                  "that are predicted before or while being adapted on; no source data, no target train "
+                  "split, no second pass (online test-time adaptation)"),
+}
 
 #: Method families the host knows.  Plugins may use others; the leaderboard
 #: groups by this string.
@@ -35,6 +65,7 @@ FAMILIES = (
     "reweighting",
     "heterogeneous",
     "discrepancy",
+    "normalisation",
     "other",
 )
 
@@ -44,6 +75,8 @@ REQUIREMENTS = {
     "same_feature_space": "source and target must share one input space",
     "target_labels": "needs k labelled target samples per class (suite protocol k_target > 0)",
     "oracle": "trains on the labelled target train split: a reference row (target-oracle), never ranked",
+    "arrays": "reads whole domains as in-memory arrays (not only batches through TensorBatches / "
+              "TorchPredictor); skipped on streamed image domains",
     "source_model": ("starts from the host's shared source model (task.source_model: trained once per pair, "
                      "seed, backbone and recipe, cached; contract 1.1)"),
 }
@@ -137,6 +170,14 @@ def Int(default: int, low: int, high: int, log: bool = False, help: str = "") ->
     return HParam(default, "int", low, high, log, (), help)
 
 
+#: The declared hyperparameter of a method that fine-tunes ``task.backbone``:
+#: the backbone's learning rate relative to the heads' when the backbone is
+#: pretrained (TLlib: 0.1); see :func:`dabench.training.backbone_param_groups`.
+BACKBONE_LR_MULT = HParam(0.1, "float", 0.01, 1.0, True, (),
+                          "learning rate of a pretrained backbone relative to the heads' (TLlib: 0.1); "
+                          "a backbone trained from scratch always learns at the heads' rate")
+
+
 def Choice(default: Any, choices: tuple | list, help: str = "") -> HParam:
     return HParam(default, "choice", None, None, False, tuple(choices), help)
 
@@ -150,9 +191,15 @@ def Bool(default: bool, help: str = "") -> HParam:
 # --------------------------------------------------------------------------
 
 
+def _is_stream(X: Any) -> bool:
+    return bool(getattr(X, "__dabench_stream__", False))
+
+
 def _frozen(a: np.ndarray | None) -> np.ndarray | None:
     if a is None:
         return None
+    if _is_stream(a):  # a streamed image domain: immutable, holds no pixels
+        return a
     a = np.array(a, copy=True)
     a.setflags(write=False)
     return a
@@ -160,13 +207,14 @@ def _frozen(a: np.ndarray | None) -> np.ndarray | None:
 
 @dataclass(frozen=True, slots=True)
 class Labeled:
-    """Inputs with labels.  Arrays are read-only copies."""
+    """Inputs with labels.  Arrays are read-only copies; ``X`` may instead be
+    a streamed image domain (:class:`dabench.data.stream.ImageStream`)."""
 
     X: np.ndarray
     y: np.ndarray
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "X", _frozen(np.asarray(self.X, dtype=np.float32)))
+        object.__setattr__(self, "X", _frozen(self.X if _is_stream(self.X) else np.asarray(self.X, dtype=np.float32)))
         object.__setattr__(self, "y", _frozen(np.asarray(self.y, dtype=np.int64)))
         if len(self.X) != len(self.y):
             raise ContractError(f"X has {len(self.X)} rows but y has {len(self.y)}")
@@ -177,12 +225,13 @@ class Labeled:
 
 @dataclass(frozen=True, slots=True)
 class Unlabeled:
-    """Inputs without labels.  There is no ``y`` attribute to reach."""
+    """Inputs without labels.  There is no ``y`` attribute to reach.  ``X``
+    is an array or a streamed image domain, as in :class:`Labeled`."""
 
     X: np.ndarray
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "X", _frozen(np.asarray(self.X, dtype=np.float32)))
+        object.__setattr__(self, "X", _frozen(self.X if _is_stream(self.X) else np.asarray(self.X, dtype=np.float32)))
 
     def __len__(self) -> int:
         return len(self.X)
@@ -215,6 +264,20 @@ class Task:
     - ``source_model``: for methods requiring ``source_model``, the host's
       trained source model (``build(device)`` gives fresh ``(encoder,
       classifier)`` copies); None otherwise.
+    - ``track``: the method's track (:data:`TRACKS`).  Under ``source-free``
+      the source fields are :class:`dabench.tracks.Withheld` placeholders
+      (reading one raises :class:`dabench.tracks.TrackViolation` and fails
+      the run) and ``target_labeled`` is None; under ``test-time``
+      ``target_train`` is withheld as well (the target test inputs arrive
+      batch by batch through :class:`OnlineAdapter`, see :mod:`dabench.tracks`).
+    - Streamed image domains (image folders; Office-31, Office-Home, VisDA
+      end to end): every ``X`` is then a :class:`dabench.data.stream.ImageStream`
+      instead of an array (``len``, ``shape``, row indexing, no pixels):
+      iterate it with :class:`dabench.training.TensorBatches` (training
+      augmentation per batch) and predict with
+      :class:`dabench.training.TorchPredictor`, exactly as for arrays.
+      ``streamed`` says which; a method that reads whole arrays declares the
+      ``arrays`` requirement and is skipped there.
 
     Target *test* data and labels are not here: the host keeps them.
     """
@@ -240,6 +303,17 @@ class Task:
     #: given only to methods that declare the ``source_model`` requirement
     #: (contract revision 1.1); None otherwise.
     source_model: Any = field(default=None, repr=False)
+    #: The track the task was built for (:data:`TRACKS`; contract revision 1.3).
+    track: str = "uda"
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the domains are streamed from image files (``X`` are
+        :class:`~dabench.data.stream.ImageStream` objects, not arrays).
+        Only the fields the task's track gives are looked at (a withheld
+        field is never read)."""
+        return any(_is_stream(d.X) for d in (self.source_train, self.target_train)
+                   if not getattr(type(d), "__dabench_withheld__", False))
 
     @property
     def source_dim(self) -> int:
@@ -271,6 +345,26 @@ class Predictor(Protocol):
     def embed(self, X: np.ndarray, domain: str = "target") -> np.ndarray: ...
 
 
+@runtime_checkable
+class OnlineAdapter(Protocol):
+    """What ``Method.fit`` returns for a ``test-time`` method (contract 1.3).
+
+    The host calls ``predict_batch(X)`` once per batch of the target test
+    stream, in the stream's seeded order, and scores the returned ``(n,
+    n_classes)`` probabilities; the adapter may update itself on ``X``
+    before, while or after predicting it (as TENT does), but it never sees
+    a batch twice nor a batch before its turn.  ``X`` is a read-only
+    float32 array of flattened inputs, like ``Task`` arrays.
+
+    Optional: ``predict_proba(X, domain)`` and ``embed(X, domain)`` with
+    the adapted model as it stands after the stream, without adapting on
+    ``X``; the host uses them for source accuracy after adaptation
+    (forgetting).  Without them that column is empty for the run.
+    """
+
+    def predict_batch(self, X: np.ndarray) -> np.ndarray: ...
+
+
 # --------------------------------------------------------------------------
 # The method base class
 # --------------------------------------------------------------------------
@@ -293,6 +387,12 @@ class Method:
     - ``hyperparameters``: ``{name: HParam}`` with defaults and search ranges.
     - ``reference``: ``True`` for reference rows (target-oracle) never ranked.
     - ``paper``: the citation the implementation follows.
+    - ``track``: one of :data:`TRACKS` (default ``"uda"``).  ``source-free``
+      and ``test-time`` methods start from the host's shared source model
+      (``requires`` must include ``"source_model"``) and declare
+      ``requires_contract = "1.3"``; a ``test-time`` method's ``fit``
+      returns an :class:`OnlineAdapter` instead of a :class:`Predictor`.
+      A method meant for two tracks registers one class per track.
     """
 
     name: ClassVar[str] = ""
@@ -303,6 +403,7 @@ class Method:
     reference: ClassVar[bool] = False
     paper: ClassVar[str] = ""
     requires_contract: ClassVar[str] = CONTRACT_VERSION
+    track: ClassVar[str] = "uda"
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.hyperparameters))
@@ -335,6 +436,9 @@ class Method:
             return "needs a shared feature space; this pair is heterogeneous"
         if "target_labels" in cls.requires and task.target_labeled is None:
             return "needs k labelled target samples per class; the suite sets k_target = 0"
+        if "arrays" in cls.requires and task.streamed:
+            return ("reads whole domains as in-memory arrays; this pair's images are streamed from files "
+                    "(batches only)")
         return None
 
     def fit(self, task: Task) -> Predictor:  # pragma: no cover - abstract
@@ -366,6 +470,11 @@ def contract_mismatch(required: Any) -> str | None:
     return None
 
 
+def _revision(required: Any) -> int:
+    parts = str(required).strip().split(".")
+    return int(parts[1]) if len(parts) == 2 and parts[1].isdigit() else 0
+
+
 def validate_method_class(cls: Any) -> None:
     """Raise ContractError, saying what to change, when ``cls`` is not a valid method."""
     if not isinstance(cls, type) or not issubclass(cls, Method):
@@ -391,3 +500,15 @@ def validate_method_class(cls: Any) -> None:
             raise ContractError(f"method {cls.name!r}: {e}") from None
     if cls.fit is Method.fit:
         raise ContractError(f"method {cls.name!r} does not implement fit(task)")
+    track = getattr(cls, "track", "uda")
+    if track not in TRACKS:
+        raise ContractError(f"method {cls.name!r} declares track {track!r}; known tracks: {list(TRACKS)}")
+    if track != "uda":
+        if "source_model" not in cls.requires:
+            raise ContractError(f"method {cls.name!r} is a {track} method: add \"source_model\" to its requires "
+                                f"(a {track} method starts from the host's shared source model and never trains "
+                                f"its own: it has no source data)")
+        if _revision(cls.requires_contract) < 3:
+            raise ContractError(f"method {cls.name!r} is a {track} method: declare requires_contract = "
+                                f"\"{CONTRACT_VERSION}.3\" (tracks are contract revision 1.3; an older host would "
+                                f"run it as a uda method and hand it the source data)")

@@ -8,32 +8,57 @@ ever opens the store, so the store stays the single source of truth: killing
 the driver at any moment (even ``kill -9``) loses at most the runs in
 flight, and a rerun computes exactly the missing keys.
 
-Three executors:
+``fit`` never runs in the driver: the driver makes each split and keeps its
+target test labels; a worker process receives what the Task carries plus the
+unlabelled evaluation inputs (:mod:`dabench.isolation`) and returns
+predictions, which the driver scores.
 
-- :class:`SerialExecutor` (the default): every run in the driver process,
-  one after the other.
-- :class:`PoolExecutor` (``--jobs N``): ``N`` worker processes started with
-  the ``spawn`` method.  Each worker rebuilds the registry from the same
-  plugins (entry points and ``--plugins-dir``), keeps its own data and split
-  caches, and is pinned to one device for its whole life: on CPU every
-  worker gets ``max(1, cores // N)`` torch threads so that ``N`` workers do
-  not oversubscribe the cores; with ``--device cuda`` worker ``i`` runs on
-  ``cuda:(i mod #GPUs)`` (by default one worker per visible GPU).  A worker
-  that dies (segfault, out of memory) loses only the run it held: that run
-  is reported as lost, not stored, so the next invocation runs it again;
-  the worker is replaced and the sweep goes on.
+Executors:
+
+- :class:`SerialExecutor` (the default where only one core is usable, or
+  with ``--jobs 1``): one worker process computes every run, one after the
+  other.  It is started once per sweep (a fresh torch process costs 1-2 s,
+  more than most quick-suite runs) and restores the process-wide state of
+  torch, NumPy and scikit-learn before every run (:mod:`dabench.cleanstate`);
+  a worker that cannot (torch refuses some mixes of its precision APIs) is
+  replaced by a fresh one before the next run.
+- :class:`PoolExecutor` (the default on CPU with two or more usable cores:
+  one worker per core, see :func:`default_jobs`; ``--jobs N`` for ``N``):
+  such workers, each pinned to one device for its whole life; with
+  ``--device cuda`` worker ``i`` runs on ``cuda:(i mod #GPUs)`` (by default
+  one worker per visible GPU).
 - :class:`RayExecutor` (``--executor ray [--address ADDR]``): each run is one
   Ray task declaring its resources (``num_cpus``, and ``num_gpus=1`` on
   CUDA); the driver waits on the tasks with ``ray.wait`` and stores each
   result as it completes.  Ray is an optional extra (``pip install
   "dabench[ray]"``), imported only when this executor is used.
+- :class:`InProcessExecutor` (library use only): runs in the driver process,
+  for registries assembled in memory that a worker cannot rebuild (the
+  conformance kit); no isolation, no time limit, no crash protection.
 
-Runs are deterministic for a seed and a torch thread count, so an executor
-changes where and when a run is computed, not its result, as long as the
-runs get the same number of torch threads (``--threads``): CPU convolutions
-may round differently with another thread count (seen in the 8th digit of a
-validator score).  The tests check that serial, pool and Ray sweeps store the
-same keys and metrics.
+Every run ends in the store.  With the serial and pool executors a worker
+that dies while computing a run (``kill -9``, a segfault, ``os._exit``) is
+replaced and the run retried once on the fresh worker, then stored as
+``failed`` with the cause (``killed by signal 9 (SIGKILL)``); a run that
+exceeds the per-run time limit has its worker (and the worker's child
+processes) killed and is stored as ``failed`` (``timed out after N s``).
+Workers die with their driver (Linux parent-death signal) and ignore Ctrl-C,
+which is the driver's to handle.  Ray retries a task whose worker died once
+(``max_retries``), then the run is stored as failed; its time limit counts
+from submission.
+
+Threads.  Every run, whatever the executor, gets :data:`DEFAULT_THREADS`
+(1) torch intra-op thread and the same cap on NumPy's/SciPy's BLAS and
+OpenMP pools, unless ``--threads`` says otherwise.  One thread per run is
+both the fastest and the most robust setting for the small models of the
+embedded pairs (an OpenMP pool that spins on a contended core makes a run
+10-50 times slower beside another busy process), and one *fixed* count
+makes results reproducible: runs are deterministic for a seed and a thread
+count, and CPU convolutions and BLAS reductions round differently with
+another thread count, so a result would otherwise depend on ``--jobs`` and
+on the executor.  The thread count and the torch version of every run are
+stored with it and stated in the report.  The tests check that serial,
+pool and Ray sweeps store the same keys and metrics.
 """
 
 from __future__ import annotations
@@ -42,25 +67,28 @@ import logging
 import multiprocessing as mp
 import os
 import signal
-from collections import deque
-from dataclasses import dataclass
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .runner import RunResult, Runner
+    from .runner import Prepared, Runner
     from .suite import RunSpec
 
 log = logging.getLogger("dabench")
 
 __all__ = [
     "ExecutorError",
-    "LostRun",
+    "InProcessExecutor",
     "PoolExecutor",
     "RayExecutor",
     "SerialExecutor",
+    "DEFAULT_THREADS",
     "WorkerConfig",
     "available_cores",
+    "default_jobs",
     "make_executor",
     "plan_devices",
     "threads_per_worker",
@@ -72,33 +100,83 @@ class ExecutorError(RuntimeError):
     workers); the message says what to do."""
 
 
-@dataclass(frozen=True)
-class LostRun:
-    """A run whose worker died before returning a result.  It is not stored,
-    so rerunning the sweep computes it."""
-
-    spec: "RunSpec"
-    reason: str
-    device: str | None = None
-
-
-Outcome = "RunResult | LostRun"
 OnDispatch = Callable[["RunSpec", str], None]
+
+#: How often (seconds) a waiting driver renews its leases in the store.
+HEARTBEAT_S = 30.0
 
 
 # ------------------------------------------------------------------ helpers
 
 
+#: Torch threads (and BLAS/OpenMP threads) of every run unless ``--threads``
+#: says otherwise; see the module docstring.
+DEFAULT_THREADS = 1
+
+#: Memory a default pool keeps free per worker (a quick-suite worker peaks
+#: at 0.5-0.8 GB); more workers than this allows are not started by default.
+WORKER_MEMORY_BYTES = 1536 * 2**20
+
+
+def _cgroup_cpu_limit() -> int | None:
+    """The CPU quota of this process's cgroup (v2 ``cpu.max`` or v1
+    ``cpu.cfs_quota_us``), rounded up, or None when there is none."""
+    candidates = [("/sys/fs/cgroup/cpu.max", None),
+                  ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")]
+    for quota_path, period_path in candidates:
+        try:
+            with open(quota_path) as f:
+                parts = f.read().split()
+            if period_path is None:
+                quota, period = parts[0], parts[1]
+            else:
+                with open(period_path) as f:
+                    quota, period = parts[0], f.read().split()[0]
+            if quota in ("max", "-1"):
+                return None
+            return max(1, -(-int(quota) // int(period)))
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
 def available_cores() -> int:
-    """CPU cores this process may use (affinity-aware)."""
+    """CPU cores this process may use: its affinity mask, capped by a
+    container's CPU quota."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        n = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        n = max(1, os.cpu_count() or 1)
+    quota = _cgroup_cpu_limit()
+    return min(n, quota) if quota else n
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def default_jobs(cores: int | None = None, memory: int | None = None) -> int:
+    """Runs computed at once on CPU by default: one single-threaded run per
+    usable core, as long as each worker has :data:`WORKER_MEMORY_BYTES` of
+    the available memory."""
+    cores = available_cores() if cores is None else cores
+    memory = _available_memory() if memory is None else memory
+    jobs = max(1, cores)
+    if memory:
+        jobs = min(jobs, max(1, memory // WORKER_MEMORY_BYTES))
+    return jobs
 
 
 def threads_per_worker(jobs: int, cores: int | None = None) -> int:
-    """Torch intra-op threads per worker: ``max(1, cores // jobs)``."""
+    """``max(1, cores // jobs)``: the most threads per run that ``jobs``
+    parallel runs can use without oversubscribing the cores."""
     cores = available_cores() if cores is None else cores
     return max(1, cores // max(1, jobs))
 
@@ -106,7 +184,7 @@ def threads_per_worker(jobs: int, cores: int | None = None) -> int:
 def plan_devices(device: str, jobs: int | None, gpu_count: int) -> list[str]:
     """The device of each worker.
 
-    - ``cpu``: ``jobs`` (default 1) workers on ``cpu``;
+    - ``cpu``: ``jobs`` (default :func:`default_jobs`) workers on ``cpu``;
     - ``cuda`` (no index): ``jobs`` workers, default one per visible GPU,
       worker ``i`` pinned to ``cuda:(i mod gpu_count)``;
     - ``cuda:k``: ``jobs`` (default 1) workers all on ``cuda:k``.
@@ -118,6 +196,8 @@ def plan_devices(device: str, jobs: int | None, gpu_count: int) -> list[str]:
             raise ExecutorError("device 'cuda' requested but no CUDA GPU is visible; use --device cpu")
         n = jobs or gpu_count
         return [f"cuda:{i % gpu_count}" for i in range(n)]
+    if device == "cpu":
+        return [device] * (jobs or default_jobs())
     return [device] * (jobs or 1)
 
 
@@ -137,14 +217,27 @@ class WorkerConfig:
     plugins_dir: str | None = None
     data_root: str | None = None
     threads: int | None = None  # torch intra-op threads; None: torch's default
+    entrypoints: bool = True
+    blocked: tuple[str, ...] = ()
     source_model_dir: str | None = None  # the shared source-model cache of the driver's runner
 
     @classmethod
     def of(cls, runner: "Runner", threads: int | None = None) -> "WorkerConfig":
+        """The config that rebuilds ``runner``'s registry in a worker; an
+        :class:`ExecutorError` when it was assembled in memory."""
+        source = getattr(runner.registry, "source", None)
+        if source is None:
+            raise ExecutorError(
+                "this registry was assembled in memory (not by dabench.plugins.get_registry), so a worker "
+                "process cannot rebuild it: pass executor=dabench.executors.InProcessExecutor() to compute "
+                "its runs in this process")
+        plugins_dir = runner.plugins_dir if runner.plugins_dir is not None else source.get("plugins_dir")
         return cls(
-            plugins_dir=None if runner.plugins_dir is None else str(runner.plugins_dir),
+            plugins_dir=None if plugins_dir is None else str(plugins_dir),
             data_root=None if runner.data_root is None else str(runner.data_root),
             threads=threads,
+            entrypoints=bool(source.get("entrypoints", True)),
+            blocked=tuple(sorted(source.get("blocked", ()))),
             source_model_dir=None if runner.source_model_dir is None else str(runner.source_model_dir),
         )
 
@@ -210,7 +303,8 @@ def worker_runner(config: WorkerConfig) -> "Runner":
         from .runner import Runner
 
         _set_threads(config.threads)
-        registry = get_registry(plugins_dir=config.plugins_dir)
+        registry = get_registry(plugins_dir=config.plugins_dir, entrypoints=config.entrypoints,
+                                blocked=config.blocked)
         for err in registry.errors:
             log.warning("%s", err)
         runner = Runner(registry, store=None, device="cpu", data_root=config.data_root,
@@ -219,35 +313,32 @@ def worker_runner(config: WorkerConfig) -> "Runner":
     return runner
 
 
-def _run_in_worker(runner: "Runner", spec: "RunSpec", device: str) -> "RunResult":
-    from .runner import RunResult, _reason
-
-    try:
-        return runner.run_one(spec, device=device)
-    except Exception as exc:  # run_one keeps method errors; this is anything else
-        return RunResult(spec, "failed", f"worker: {_reason(exc)}", device=device)
+# ------------------------------------------------------------------ in process
 
 
-# ------------------------------------------------------------------ serial
+class InProcessExecutor:
+    """Every run in the driver process, in suite order (library use: for a
+    registry assembled in memory, which worker processes cannot rebuild).
 
+    No isolation: ``fit`` runs in the process holding the split's labels.
+    No time limit, and a run that kills its process kills the sweep."""
 
-class SerialExecutor:
-    """Every run in the driver process, in suite order, with ``threads``
-    torch threads (default: torch's own default, all cores)."""
-
-    name = "serial"
+    name = "in-process"
     workers = 1
 
     def __init__(self, threads: int | None = None) -> None:
-        self.threads = threads
+        self.threads = DEFAULT_THREADS if threads is None else int(threads)
 
     def describe(self) -> str:
-        return "serial" + (f" ({self.threads} torch threads)" if self.threads else "")
+        return f"in the driver process ({self.threads} thread{'s' if self.threads != 1 else ''} per run)"
 
     def map(self, runner: "Runner", specs: Sequence["RunSpec"], on_dispatch: OnDispatch) -> Iterator[Any]:
         import torch
 
         from threadpoolctl import threadpool_limits
+
+        from .isolation import compute
+        from .runner import Prepared
 
         before = torch.get_num_threads()
         if self.threads:
@@ -256,8 +347,13 @@ class SerialExecutor:
         saved_env = _set_thread_env(self.threads)  # for libraries a run loads later
         try:
             for spec in specs:
+                prep = runner.prepare(spec)
+                if not isinstance(prep, Prepared):
+                    yield prep
+                    continue
                 on_dispatch(spec, runner.device)
-                yield runner.run_one(spec)
+                outcome = compute(runner.registry, prep.request, prep.inputs, catch_interrupt=False)
+                yield runner.finish(prep, outcome)
         finally:
             torch.set_num_threads(before)
             if blas is not None:
@@ -265,26 +361,86 @@ class SerialExecutor:
             _restore_env(saved_env)
 
 
-# ------------------------------------------------------------------ process pool
+# ------------------------------------------------------------------ worker processes
 
 
-def _pool_worker(conn: Connection, config: WorkerConfig, device: str) -> None:
-    """Body of a pool worker: build the runner, then answer run requests
-    until told to stop or the driver goes away."""
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(driver_pid: int) -> None:
+    """Ask the kernel to SIGKILL this process when the driver dies (Linux),
+    and exit now if it is already gone."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the worker exits when its pipe closes
+        pass
+    if os.getppid() != driver_pid:
+        os._exit(0)
+
+
+def _describe_death(code: int | None) -> str:
+    if code is None:
+        return "no exit code"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        what = {"SIGSEGV": ", a segmentation fault", "SIGABRT": ", aborted", "SIGBUS": ", a bus error",
+                "SIGKILL": " (out of memory, or killed)", "SIGFPE": ", a floating-point exception"}.get(name, "")
+        return f"killed by signal {-code} ({name}{what})"
+    return f"exited with code {code}"
+
+
+def _warm_up() -> None:
+    """Import what every run needs but dabench imports lazily (the training
+    helpers, scikit-learn for the DEV validator: seconds on a busy machine),
+    before the worker says it is ready, so that the first run's time limit
+    measures the run, not the worker's imports."""
+    import importlib
+
+    for name in ("dabench.training", "dabench.runner", "dabench.diagnostics", "sklearn.linear_model",
+                 "sklearn.preprocessing"):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # pragma: no cover - a dependency missing shows up in the run itself
+            pass
+
+
+def _pool_worker(conn: Connection, config: WorkerConfig, device: str, driver_pid: int) -> None:
+    """Body of a worker process: build the runner, then answer split and run
+    messages until told to stop or the driver goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    try:
+        os.setpgrp()  # its own process group: a time limit kills the run's child processes too
+    except OSError:
+        pass
+    _die_with_parent(driver_pid)
+    from .cleanstate import StateNotRestored, capture
+    from .isolation import WorkerOutcome, compute
+    from .runner import _reason
+
     try:
         runner = worker_runner(config)
         if device.startswith("cuda"):
             import torch
 
             torch.cuda.set_device(device)
+        _warm_up()
+        state = capture(blas_threads=config.threads)
     except BaseException as exc:  # noqa: BLE001 - reported to the driver
-        from .runner import _reason
-
         try:
             conn.send(("init-error", _reason(exc)))
         finally:
             return
+    try:
+        conn.send(("ready", os.getpid()))
+    except (BrokenPipeError, OSError):
+        return
+    inputs = None
     while True:
         try:
             msg = conn.recv()
@@ -292,11 +448,33 @@ def _pool_worker(conn: Connection, config: WorkerConfig, device: str) -> None:
             return  # the driver is gone
         if msg is None:
             return
-        spec, run_device = msg
-        result = _run_in_worker(runner, spec, run_device)
+        if msg[0] == "split":
+            inputs = None  # free the previous split's arrays first
+            inputs = msg[1]
+            continue
+        request = msg[1]
+        if inputs is None:
+            outcome = WorkerOutcome("failed", "host: the worker received a run before its split", host_error=True)
+        else:
+            outcome = compute(runner.registry, request, inputs)
+        # put the process state back for the next run; what cannot be put
+        # back retires this worker (the driver starts a fresh one)
+        retire = None
         try:
-            conn.send(("result", result))
+            state.reset()
+        except StateNotRestored as exc:
+            retire = str(exc)
+        try:
+            conn.send(("result", outcome, retire))
         except (BrokenPipeError, OSError):
+            return
+        except Exception as exc:  # noqa: BLE001 - e.g. scores a plugin made unpicklable
+            try:
+                conn.send(("result", WorkerOutcome("failed", f"the run's result could not be sent back: "
+                                                             f"{_reason(exc)}"), retire))
+            except (BrokenPipeError, OSError):
+                return
+        if retire is not None:
             return
 
 
@@ -304,12 +482,16 @@ class _Worker:
     def __init__(self, ctx: Any, config: WorkerConfig, device: str, slot: int) -> None:
         self.device, self.slot = device, slot
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_pool_worker, args=(child, config, device),
+        self.proc = ctx.Process(target=_pool_worker, args=(child, config, device, os.getpid()),
                                 name=f"dabench-worker-{slot}", daemon=True)
         self.proc.start()
         child.close()
-        self.spec: "RunSpec | None" = None
-        self.split_key: tuple | None = None
+        self.ready = False
+        self.prepared: "Prepared | None" = None
+        self.deadline: float | None = None
+        self.started = 0.0
+        self.split_key: tuple | None = None  # the split the worker holds
+        self.last_key: tuple | None = None  # the split of its last run (for scheduling)
 
     def stop(self, timeout: float = 5.0) -> None:
         try:
@@ -319,29 +501,192 @@ class _Worker:
             pass
         self.proc.join(timeout)
         if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(timeout)
+            self.kill()
         self.conn.close()
 
     def kill(self) -> None:
+        """SIGKILL the worker and its process group (the run's own children)."""
+        if self.proc.pid is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError, OSError):
+                pass
         if self.proc.is_alive():
-            self.proc.terminate()
+            self.proc.kill()
         self.proc.join(5.0)
-        self.conn.close()
+        try:
+            self.conn.close()
+        except OSError:
+            pass
 
 
-def _split_key(spec: "RunSpec") -> tuple:
-    return (spec.pair.name, spec.pair.protocol, spec.seed)
+class _ProcessExecutor:
+    """Runs in long-lived worker processes (see the module docstring)."""
+
+    name = "process"
+    start_method = "spawn"
+    #: workers that die while starting, or while idle, before the sweep gives up
+    max_restarts = 4
+
+    devices: list[str]
+    threads: int | None
+
+    def _devices(self, runner: "Runner") -> list[str]:
+        return self.devices
+
+    def map(self, runner: "Runner", specs: Sequence["RunSpec"], on_dispatch: OnDispatch) -> Iterator[Any]:
+        from .runner import Prepared
+
+        if not specs:
+            return
+        ctx = mp.get_context(self.start_method)
+        config = WorkerConfig.of(runner, self.threads)
+        devices = self._devices(runner)[: len(specs)]
+        runner.split_cache_size = len(devices) + 1
+        limit = runner.time_limit_s
+        pending: deque = deque(specs)
+        crashes: dict[str, int] = {}
+        workers = [_Worker(ctx, config, d, i) for i, d in enumerate(devices)]
+        restarts = 0
+        last_beat = time.monotonic()
+        try:
+            while pending or any(w.prepared is not None for w in workers):
+                for w in workers:
+                    while w.ready and w.prepared is None and pending:
+                        spec = self._pick(pending, w.last_key, runner)
+                        prep = runner.prepare(spec, w.device)
+                        if not isinstance(prep, Prepared):
+                            yield prep
+                            continue
+                        try:
+                            if w.split_key != prep.inputs.key:
+                                w.split_key = None
+                                w.conn.send(("split", prep.inputs))
+                                w.split_key = prep.inputs.key
+                            w.conn.send(("run", prep.request))
+                        except (BrokenPipeError, OSError):
+                            pending.appendleft(spec)
+                            break  # its death is handled below
+                        w.prepared, w.last_key = prep, prep.inputs.key
+                        w.started = time.monotonic()
+                        w.deadline = w.started + limit if limit else None
+                        on_dispatch(spec, w.device)
+                watch = [w for w in workers if w.prepared is not None or not w.ready or not w.proc.is_alive()]
+                if not watch:
+                    if pending:
+                        continue
+                    break
+                now = time.monotonic()
+                timeout = HEARTBEAT_S
+                deadlines = [w.deadline for w in watch if w.deadline is not None]
+                if deadlines:
+                    timeout = max(0.0, min(timeout, min(deadlines) - now))
+                ready = wait([w.conn for w in watch] + [w.proc.sentinel for w in watch], timeout)
+                now = time.monotonic()
+                if now - last_beat >= HEARTBEAT_S:
+                    runner.heartbeat()
+                    last_beat = now
+                for i, w in enumerate(list(workers)):
+                    if w.conn in ready or w.proc.sentinel in ready:
+                        msg = None
+                        try:
+                            if w.conn.poll():
+                                msg = w.conn.recv()
+                        except (EOFError, OSError):
+                            msg = None
+                        if msg is not None and msg[0] == "ready":
+                            w.ready = True
+                            continue
+                        if msg is not None and msg[0] == "init-error":
+                            raise ExecutorError(f"a worker process could not start: {msg[1]}")
+                        if msg is not None and msg[0] == "result":
+                            prep, w.prepared, w.deadline = w.prepared, None, None
+                            if len(msg) > 2 and msg[2]:  # it could not restore the process state: retired
+                                log.info("worker %d on %s retired after a run: %s", w.slot, w.device, msg[2])
+                                w.stop()
+                                workers[i] = _Worker(ctx, config, w.device, w.slot)
+                                workers[i].last_key = w.last_key
+                            if prep is not None:
+                                yield runner.finish(prep, msg[1], w.device)
+                            continue
+                        if not w.proc.is_alive():
+                            w.proc.join()
+                            code = w.proc.exitcode
+                            prep = w.prepared
+                            w.kill()
+                            if prep is None:
+                                restarts += 1
+                                if restarts > self.max_restarts or not w.ready:
+                                    raise ExecutorError(
+                                        f"a worker process on {w.device} died "
+                                        f"{'while starting' if not w.ready else 'while idle'} "
+                                        f"({_describe_death(code)}); run with -v to see its output")
+                            workers[i] = _Worker(ctx, config, w.device, w.slot)
+                            if prep is not None:
+                                spec = prep.spec
+                                crashes[spec.key] = crashes.get(spec.key, 0) + 1
+                                why = f"the worker process died while computing the run ({_describe_death(code)})"
+                                if crashes[spec.key] == 1:
+                                    runner.on_retry(spec, why)
+                                    pending.appendleft(spec)
+                                else:
+                                    yield runner.failure(spec, f"{why}; it also died on the retry on a fresh worker",
+                                                         w.device, wall_time_s=now - w.started)
+                            continue
+                    if w.prepared is not None and w.deadline is not None and now >= w.deadline:
+                        prep = w.prepared
+                        w.kill()
+                        workers[i] = _Worker(ctx, config, w.device, w.slot)
+                        yield runner.failure(
+                            prep.spec, f"timed out after {limit:g} s (the per-run time limit: the suite's "
+                                       f"time_limit_s or --time-limit); its worker was killed", w.device,
+                            wall_time_s=now - w.started)
+        finally:
+            for w in workers:
+                if w.prepared is not None or not w.ready:
+                    w.kill()  # interrupted mid-run: do not wait for it
+                else:
+                    w.stop()
+
+    @staticmethod
+    def _pick(pending: deque, split_key: tuple | None, runner: "Runner") -> "RunSpec":
+        if split_key is not None:
+            for i, spec in enumerate(pending):
+                if runner.split_key(spec) == split_key:
+                    del pending[i]
+                    return spec
+                if i >= 64:  # look a little ahead only
+                    break
+        return pending.popleft()
 
 
-class PoolExecutor:
+class SerialExecutor(_ProcessExecutor):
+    """Every run, in suite order, in one worker process on the runner's
+    device, with ``threads`` torch threads (default :data:`DEFAULT_THREADS`).
+    The worker restores the process-wide state of torch, NumPy
+    and scikit-learn before each run."""
+
+    name = "serial"
+    workers = 1
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = DEFAULT_THREADS if threads is None else int(threads)
+
+    def _devices(self, runner: "Runner") -> list[str]:
+        return [runner.device]
+
+    def describe(self) -> str:
+        return f"serial, in one worker process ({self.threads} thread{'s' if self.threads != 1 else ''} per run)"
+
+
+class PoolExecutor(_ProcessExecutor):
     """``len(devices)`` spawned worker processes, worker ``i`` pinned to
     ``devices[i]``, each with ``threads`` torch threads (default
-    ``max(1, cores // workers)`` on CPU).
+    :data:`DEFAULT_THREADS`).
 
     Scheduling keeps data local: a free worker takes the next pending run of
-    the pair and seed it ran last (its cached split) when there is one, else
-    the next run in suite order.
+    the pair and seed it ran last (its split is already there) when there is
+    one, else the next run in suite order.
     """
 
     name = "pool"
@@ -352,87 +697,14 @@ class PoolExecutor:
             raise ExecutorError("a process pool needs at least one worker")
         self.devices = list(devices)
         self.workers = len(self.devices)
-        on_cpu = all(not d.startswith("cuda") for d in self.devices)
-        self.threads = threads if threads is not None else (threads_per_worker(self.workers) if on_cpu else 1)
+        self.threads = DEFAULT_THREADS if threads is None else int(threads)
         self.start_method = start_method
         self.max_restarts = 2 * self.workers if max_restarts is None else max_restarts
 
     def describe(self) -> str:
         devs = sorted(set(self.devices))
         return (f"process pool of {self.workers} workers ({', '.join(devs)}; "
-                f"{self.threads} torch thread{'s' if self.threads != 1 else ''} each)")
-
-    def map(self, runner: "Runner", specs: Sequence["RunSpec"], on_dispatch: OnDispatch) -> Iterator[Any]:
-        if not specs:
-            return
-        ctx = mp.get_context(self.start_method)
-        config = WorkerConfig.of(runner, self.threads)
-        pending: deque = deque(specs)
-        workers = [_Worker(ctx, config, d, i) for i, d in enumerate(self.devices[: len(specs)])]
-        restarts = 0
-        try:
-            while pending or any(w.spec is not None for w in workers):
-                for w in workers:
-                    if w.spec is None and pending:
-                        spec = self._pick(pending, w.split_key)
-                        try:
-                            w.conn.send((spec, w.device))
-                        except (BrokenPipeError, OSError):
-                            pending.appendleft(spec)
-                            continue  # its death is handled below
-                        w.spec, w.split_key = spec, _split_key(spec)
-                        on_dispatch(spec, w.device)
-                busy = [w for w in workers if w.spec is not None or not w.proc.is_alive()]
-                if not busy:
-                    continue
-                ready = wait([w.conn for w in busy] + [w.proc.sentinel for w in busy])
-                for i, w in enumerate(list(workers)):
-                    if w.conn not in ready and w.proc.sentinel not in ready:
-                        continue
-                    msg = None
-                    try:
-                        if w.conn.poll():
-                            msg = w.conn.recv()
-                    except (EOFError, OSError):
-                        msg = None
-                    if msg is not None and msg[0] == "result":
-                        spec, w.spec = w.spec, None
-                        yield msg[1]
-                        continue
-                    if msg is not None and msg[0] == "init-error":
-                        raise ExecutorError(f"a pool worker could not start: {msg[1]}")
-                    if w.proc.is_alive():
-                        continue
-                    # the worker died: its run is lost (not stored); replace it
-                    w.proc.join()
-                    code = w.proc.exitcode
-                    lost, w.spec = w.spec, None
-                    w.conn.close()
-                    if lost is not None:
-                        yield LostRun(lost, f"worker process on {w.device} died (exit code {code})", w.device)
-                    restarts += 1
-                    if restarts > self.max_restarts:
-                        raise ExecutorError(
-                            f"pool workers died {restarts} times (last exit code {code}); "
-                            "stopping the sweep: rerun with --jobs 1 to see the failure in the driver")
-                    workers[i] = _Worker(ctx, config, w.device, w.slot)
-        finally:
-            for w in workers:
-                if w.spec is not None:
-                    w.kill()  # interrupted mid-run: do not wait for it
-                else:
-                    w.stop()
-
-    @staticmethod
-    def _pick(pending: deque, split_key: tuple | None) -> "RunSpec":
-        if split_key is not None:
-            for i, spec in enumerate(pending):
-                if _split_key(spec) == split_key:
-                    del pending[i]
-                    return spec
-                if i >= 64:  # look a little ahead only
-                    break
-        return pending.popleft()
+                f"{self.threads} thread{'s' if self.threads != 1 else ''} per run)")
 
 
 # ------------------------------------------------------------------ Ray
@@ -449,20 +721,36 @@ def _import_ray() -> Any:
     return ray
 
 
-def _ray_task(config: WorkerConfig, spec: "RunSpec", device: str) -> "RunResult":
-    """One run inside a Ray worker process (its runner is cached per process)."""
+_RAY_STATE: dict[WorkerConfig, Any] = {}
+
+
+def _ray_task(config: WorkerConfig, request: Any, inputs: Any) -> Any:
+    """One run inside a Ray worker process (its runner is cached per
+    process, and the process state is restored before each run)."""
+    from .cleanstate import StateNotRestored, capture
+    from .isolation import compute
+
     runner = worker_runner(config)
     _set_threads(config.threads)
-    run_device = device
+    state = _RAY_STATE.get(config)
+    if state is None:
+        _warm_up()
+        state = _RAY_STATE[config] = capture(blas_threads=config.threads)
+    else:
+        try:
+            state.reset()
+        except StateNotRestored:  # an earlier task left what cannot be put back: Ray retries on a fresh worker
+            os._exit(75)
+    device = request.device
     if device.startswith("cuda"):
-        run_device = "cuda:0"  # Ray restricts CUDA_VISIBLE_DEVICES to the task's GPU
-    result = _run_in_worker(runner, spec, run_device)
+        request = replace(request, device="cuda:0")  # Ray restricts CUDA_VISIBLE_DEVICES to the task's GPU
+    outcome = compute(runner.registry, request, inputs)
     if device.startswith("cuda"):
         import ray
 
         ids = ray.get_gpu_ids()
-        result.device = f"cuda:{ids[0]}" if ids else run_device
-    return result
+        outcome.device = f"cuda:{ids[0]}" if ids else "cuda:0"
+    return outcome
 
 
 class RayExecutor:
@@ -473,7 +761,12 @@ class RayExecutor:
     machine's cores, unless Ray is already initialised in this process (then
     that instance is used).  Results are collected with ``ray.wait`` as they
     complete and stored by the driver; a task whose worker or node dies is
-    retried by Ray ``max_retries`` times, then reported lost (not stored).
+    retried by Ray ``max_retries`` times (default once), then stored as
+    failed.  Each split's worker-side inputs go to the object store once
+    (``ray.put``); the labels stay in the driver.  At most ``max_in_flight``
+    tasks are submitted at a time (default: the cluster's CPUs divided by
+    ``cpus_per_run``), so that the per-run time limit, counted from
+    submission, is spent running.
 
     The runs of the cluster import dabench and the plugins themselves: install
     them on every node (a ``--plugins-dir`` path must exist on every node).
@@ -482,7 +775,7 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, device: str = "cpu", address: str | None = None, cpus_per_run: int = 1,
-                 max_in_flight: int | None = None, max_retries: int = 2) -> None:
+                 max_in_flight: int | None = None, max_retries: int = 1) -> None:
         if cpus_per_run < 1:
             raise ExecutorError(f"cpus per run must be >= 1, got {cpus_per_run}")
         _import_ray()  # fail early, with the install command, when the extra is missing
@@ -515,6 +808,8 @@ class RayExecutor:
                 raise ExecutorError(f"could not start or reach Ray"
                                     f"{f' at {self.address!r}' if self.address else ''}: {exc}") from None
             started = True
+        from .runner import Prepared
+
         gpu = self.device.startswith("cuda")
         config = WorkerConfig.of(runner, self.cpus_per_run)
         task = ray.remote(_ray_task).options(num_cpus=self.cpus_per_run, num_gpus=1 if gpu else 0,
@@ -522,25 +817,65 @@ class RayExecutor:
         if self.max_in_flight:
             limit = self.max_in_flight
         else:
-            cpus = int(ray.cluster_resources().get("CPU", 1))
-            limit = max(1, 2 * cpus // self.cpus_per_run)
+            key = "GPU" if gpu else "CPU"
+            per = 1 if gpu else self.cpus_per_run
+            limit = max(1, int(ray.cluster_resources().get(key, 1)) // per)
+        runner.split_cache_size = limit + 1
+        time_limit = runner.time_limit_s
         pending: deque = deque(specs)
-        in_flight: dict[Any, "RunSpec"] = {}
+        in_flight: dict[Any, tuple["Prepared", float | None]] = {}
+        split_refs: OrderedDict = OrderedDict()
+        last_beat = time.monotonic()
         try:
             while pending or in_flight:
                 while pending and len(in_flight) < limit:
                     spec = pending.popleft()
-                    in_flight[task.remote(config, spec, self.device)] = spec
-                    on_dispatch(spec, self.device)
-                ready, _ = ray.wait(list(in_flight), num_returns=1)
-                for ref in ready:
-                    spec = in_flight.pop(ref)
-                    try:
-                        result = ray.get(ref)
-                    except Exception as exc:  # worker/node died after its retries
-                        yield LostRun(spec, f"Ray task lost: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                    prep = runner.prepare(spec, self.device)
+                    if not isinstance(prep, Prepared):
+                        yield prep
                         continue
-                    yield result
+                    sref = split_refs.get(prep.inputs.key)
+                    if sref is None:
+                        sref = split_refs[prep.inputs.key] = ray.put(prep.inputs)
+                        while len(split_refs) > limit + 1:
+                            split_refs.popitem(last=False)
+                    else:
+                        split_refs.move_to_end(prep.inputs.key)
+                    ref = task.remote(config, prep.request, sref)
+                    in_flight[ref] = (prep, time.monotonic() + time_limit if time_limit else None)
+                    on_dispatch(spec, self.device)
+                if not in_flight:
+                    continue
+                now = time.monotonic()
+                deadlines = [d for _, d in in_flight.values() if d is not None]
+                timeout = HEARTBEAT_S if not deadlines else max(0.0, min(HEARTBEAT_S, min(deadlines) - now))
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=timeout)
+                now = time.monotonic()
+                if now - last_beat >= HEARTBEAT_S:
+                    runner.heartbeat()
+                    last_beat = now
+                for ref in ready:
+                    prep, _ = in_flight.pop(ref)
+                    try:
+                        outcome = ray.get(ref)
+                    except Exception as exc:  # the task's worker or node died, after its retries
+                        kind = type(exc).__name__
+                        msg = str(exc).splitlines()[0] if str(exc) else ""
+                        host = any(k in kind for k in ("NodeDied", "ObjectLost", "RaySystem", "OwnerDied"))
+                        yield runner.failure(prep.spec, f"the Ray task failed (retried {self.max_retries} time(s)): "
+                                                        f"{kind}: {msg}", self.device, host_error=host)
+                        continue
+                    yield runner.finish(prep, outcome, getattr(outcome, "device", None) or self.device)
+                for ref, (prep, deadline) in list(in_flight.items()):
+                    if deadline is not None and now >= deadline:
+                        in_flight.pop(ref)
+                        try:
+                            ray.cancel(ref, force=True)
+                        except Exception:  # noqa: BLE001 - best effort
+                            pass
+                        yield runner.failure(prep.spec, f"timed out after {time_limit:g} s (the per-run time limit, "
+                                                        f"counted from submission to Ray); the task was cancelled",
+                                             self.device, wall_time_s=time_limit)
         finally:
             for ref in in_flight:
                 try:
@@ -556,16 +891,19 @@ class RayExecutor:
 
 def make_executor(kind: str = "local", *, device: str = "cpu", jobs: int | None = None,
                   address: str | None = None, threads: int | None = None) -> Any:
-    """The executor for the CLI options ``--executor``, ``--jobs``, ``--address``.
+    """The executor for the CLI options ``--executor``, ``--jobs``,
+    ``--address``, ``--threads``.
 
-    ``local`` with ``jobs`` of ``None``/1 on CPU (or on one ``cuda:k``) is the
-    serial executor; more jobs, or ``--device cuda`` with more than one GPU
-    visible, is a process pool (one worker per GPU by default).
+    ``local``: on CPU, ``jobs`` (default :func:`default_jobs`: one per usable
+    core) single-threaded runs at once, in a process pool, or serially in
+    this process when that is one; on ``cuda``, one worker per visible GPU
+    (or ``jobs``); on one ``cuda:k``, serial unless ``jobs`` says otherwise.
+    Every run gets ``threads`` threads (default :data:`DEFAULT_THREADS`).
     """
     if threads is not None and threads < 1:
         raise ExecutorError(f"--threads must be a positive integer, got {threads}")
     if kind == "ray":
-        return RayExecutor(device=device, address=address, max_in_flight=jobs, cpus_per_run=threads or 1)
+        return RayExecutor(device=device, address=address, max_in_flight=jobs, cpus_per_run=threads or DEFAULT_THREADS)
     if kind != "local":
         raise ExecutorError(f"unknown executor {kind!r}: use 'local' or 'ray'")
     if address:

@@ -83,8 +83,9 @@ def dabench_unavailable(register: Callable[[str, str, str], None]) -> None:
     Called once per plugin when the host builds its registry, after the
     registration hooks.  An optional dependency that is missing or cannot be
     imported should not fail the host: register what you can, and report the
-    rest here.  ``dabench list methods`` / ``list validators`` print one
-    warning line per unavailable item, and ``dabench list plugins`` shows them.
+    rest here.  ``dabench list plugins`` shows them under the plugin, one
+    line per reason; no other command prints them (a suite that names an
+    unavailable method is refused with the reason).
 
     :param register: call ``register(kind, name, reason)`` with ``kind`` one of
         ``"method"``, ``"validator"``, ``"dataset"``, ``"backbone"`` or
@@ -106,6 +107,9 @@ def dabench_run_finished(record: dict[str, Any]) -> None:
         ``method``, ``method_version``, ``params`` (JSON text), ``seed``,
         ``status`` (``"ok"``, ``"failed"``, ``"skipped"``), ``reason``,
         ``target_acc``, ``target_f1``, ``source_acc``, ``wall_time_s``,
-        ``peak_mem_mb`` and one ``val_<validator>`` entry per validator.
+        ``rss_peak_mb`` (resident memory the run added, CPU), ``gpu_peak_mb``
+        (CUDA allocator peak, or None), ``device``, ``threads`` (torch threads
+        of the run), ``torch_version`` and one ``val_<validator>`` entry per
+        validator.
     :return: nothing.
     """

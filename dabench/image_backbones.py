@@ -8,14 +8,19 @@ like every dabench backbone:
   2017; CDAN, Long et al. 2018; TLlib's ``lenet``): conv5×5-20, maxpool 2,
   ReLU, conv5×5-50, dropout2d 0.5, maxpool 2, ReLU, flatten, fc-500, ReLU,
   dropout 0.5 (500-d features).  Used for MNIST↔USPS at 28×28.
+- ``"lenet-tllib"``: that LeNet followed by TLlib's 256-d bottleneck
+  (``Linear(500, 256)``, batch norm, ReLU), the network of TLlib's digit
+  DANN/CDAN scripts.
 - ``"dtn"``: the DTN of the SVHN→MNIST benchmark (CDAN; TLlib's ``dtn``):
   three conv5×5 stride-2 layers (64, 128, 256 channels) with batch norm,
   dropout2d (0.1, 0.3, 0.5) and ReLU, then fc-512, batch norm, ReLU,
   dropout 0.5 (512-d features).  Used at 32×32.
 - ``"resnet50"``, ``"resnet101"``: torchvision ResNets with ImageNet weights
   (``IMAGENET1K_V1``, the weights the Office/VisDA papers used), the final
-  fc removed (2048-d pooled features), fine-tuned end to end.  Inputs are
-  normalised with the ImageNet mean and sd.  torchvision is imported only
+  fc removed (2048-d pooled features), fine-tuned end to end (marked
+  pretrained: methods fine-tune them at ``backbone_lr_mult``, default 0.1,
+  times the heads' learning rate).  Inputs are normalised with the ImageNet
+  mean and sd, channels-last on CUDA.  torchvision is imported only
   when such a backbone is built (never on the CPU-only path); the weights
   download to torch's cache (``TORCH_HOME``) on first use.
 
@@ -34,7 +39,7 @@ import torch
 from torch import nn
 
 from . import hookimpl
-from .backbones import _channels_last, _check_shape, _Unflatten
+from .backbones import _channels_last, _check_shape, _Unflatten, mark_pretrained
 from .data.core import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -71,6 +76,17 @@ def lenet_backbone(shape: tuple[int, ...]) -> tuple[nn.Module, int]:
     d = _flat_dim(convs, (c, h, w))
     net = nn.Sequential(_Unflatten((c, h, w)), convs, nn.Linear(d, 500), nn.ReLU(), nn.Dropout(p=0.5))
     return _channels_last(net), 500
+
+
+def lenet_tllib_backbone(shape: tuple[int, ...], bottleneck: int = 256) -> tuple[nn.Module, int]:
+    """TLlib's digit network: :func:`lenet_backbone` followed by the
+    bottleneck of its ``ImageClassifier`` (``Linear(500, 256)``,
+    ``BatchNorm1d``, ReLU; ``bottleneck_dim=256`` in the DANN/CDAN digit
+    scripts), 256-d output.  The linear head of every method sits on the
+    bottleneck, as in TLlib."""
+    net, d = lenet_backbone(shape)
+    net = nn.Sequential(net, nn.Linear(d, bottleneck), nn.BatchNorm1d(bottleneck), nn.ReLU())
+    return _channels_last(net), bottleneck
 
 
 def dtn_backbone(shape: tuple[int, ...]) -> tuple[nn.Module, int]:
@@ -113,7 +129,10 @@ class _ImageNetInput(nn.Module):
         x = x.reshape(x.shape[0], *self.shape)
         if self.shape[0] == 1:
             x = x.expand(-1, 3, -1, -1)
-        return (x - self.mean) / self.std
+        x = (x - self.mean) / self.std
+        if x.is_cuda:  # channels-last convolutions on the GPU (tensor cores); CPU results unchanged
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
 
 def _resnet_factory(name: str):
@@ -121,7 +140,10 @@ def _resnet_factory(name: str):
         c, h, w = _image_shape(shape, name, 32)
         if c not in (1, 3):
             raise ValueError(f"{name} backbone needs 1- or 3-channel images, got {shape}")
-        return nn.Sequential(_ImageNetInput((c, h, w)), _torchvision_resnet(name)), 2048
+        net = nn.Sequential(_ImageNetInput((c, h, w)), _torchvision_resnet(name))
+        if PRETRAINED:  # fine-tuned at backbone_lr_mult x the heads' learning rate
+            mark_pretrained(net, f"torchvision {RESNET_WEIGHTS[name]}")
+        return net, 2048
 
     factory.__name__ = f"{name}_backbone"
     factory.__doc__ = f"torchvision {name} with ImageNet weights ({RESNET_WEIGHTS[name]}), fc removed (2048-d)."
@@ -160,9 +182,10 @@ def get_feature_extractor(name: str, device: str | None = None):
 def dabench_backbones(register) -> None:  # type: ignore[no-untyped-def]
     """Register LeNet, DTN and the ImageNet ResNets."""
     register("lenet", lenet_backbone)
+    register("lenet-tllib", lenet_tllib_backbone)
     register("dtn", dtn_backbone)
     register("resnet50", resnet50_backbone)
     register("resnet101", resnet101_backbone)
 
 
-__all__ = ["dtn_backbone", "get_feature_extractor", "lenet_backbone", "resnet101_backbone", "resnet50_backbone"]
+__all__ = ["dtn_backbone", "get_feature_extractor", "lenet_backbone", "lenet_tllib_backbone", "resnet101_backbone", "resnet50_backbone"]

@@ -37,10 +37,29 @@ Rules (see DESIGN.md, "Leaderboards and negative transfer"):
   applying to the same pairs are ranked by mean target accuracy (1 = best,
   ties share the average rank) over the pairs where each of them has a
   finding, and a method's average rank is over those pairs.
+- Tracks (:mod:`dabench.tracks`): every row has the track its method ran
+  under (``uda``, ``source-free``, ``test-time``; runs stored before the
+  field existed are ``uda``).  Ranks are computed **within a track** only
+  (the tracks give methods different data: a rank group never mixes
+  tracks); the reference of every track is the same untouched source model
+  (``source-only``), so gaps and negative-transfer verdicts are comparable
+  across tracks.
+- Suspicion (too good to be true): a cell whose method beats the pair's
+  target-oracle reference by more than the seed spread (the two sample
+  standard deviations added, at least :data:`SUSPICION_MARGIN`), or reaches
+  near-perfect target accuracy (at least :data:`NEAR_PERFECT`) where the
+  oracle does not, is flagged and left out of the ranks until a person
+  clears it (``cleared``: ``METHOD`` or ``METHOD:SOURCE:TARGET``; the suite
+  key ``cleared`` or ``--clear``).  Plugins are trusted code; this flag is
+  how a method that found the labels some other way shows up.
+- Memory: ``rss_peak_mb`` (the resident memory a run added above its
+  worker's at the run's start) and ``gpu_peak_mb`` (the CUDA allocator's
+  peak) are reported apart.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -77,9 +96,25 @@ _REQUIRED = ("pair", "method", "point", "seed", "status", "params")
 
 #: Optional columns, filled with missing values when a row lacks them.
 _OPTIONAL = (
-    "key", "suite", "method_version", "family", "reference", "protocol", "budget", "backbone", "reason",
-    "target_acc", "target_f1", "source_acc", "wall_time_s", "peak_mem_mb", "finished_at",
+    "key", "suite", "method_version", "family", "reference", "protocol", "budget", "backbone", "track", "reason",
+    "target_acc", "target_f1", "source_acc", "wall_time_s", "rss_peak_mb", "gpu_peak_mb", "finished_at",
+    "device", "threads", "torch_version",
 )
+
+#: Display order of the tracks (dabench.contract.TRACKS); unknown tracks sort after them.
+TRACK_ORDER = ("uda", "source-free", "test-time")
+
+#: A method beating the target-oracle by more than this (and more than the
+#: two cells' seed spreads added) is flagged as suspicious.
+SUSPICION_MARGIN = 0.01
+#: Target accuracy counted as near-perfect: a method reaching it where the
+#: target-oracle does not is flagged as suspicious.
+NEAR_PERFECT = 0.99
+
+#: What besides the suite determines a run's result, as stored with it:
+#: ``Leaderboard.settings`` key -> run column.  ``not recorded`` stands for
+#: runs stored without it (by an older dabench).
+RESULT_SETTINGS = {"torch": "torch_version", "threads": "threads", "device": "device"}
 
 #: Decimals used when comparing mean accuracies for ranking, so that equal
 #: means computed in a different summation order still tie.
@@ -100,7 +135,7 @@ class Leaderboard:
       skip_reason, point, params, n_points, selection_score, n_seeds_ok,
       n_failed, n_skipped, target_acc_mean, target_acc_std, target_f1_mean,
       source_acc_mean, gap_mean, gap_std, gap_n, forgetting_mean,
-      forgetting_n, rank, wall_time_s_mean, peak_mem_mb_mean, protocol,
+      forgetting_n, rank, wall_time_s_mean, rss_peak_mb_mean, gpu_peak_mb_mean, protocol,
       budget``, the health columns ``engagement`` (``engaged``/``partly``/
       ``never``/None), ``engagement_note``, ``n_failed_training``,
       ``failed_training_note``, ``health`` (``ok``, ``not engaged``,
@@ -112,8 +147,11 @@ class Leaderboard:
       (minimum detectable loss), ``nt_flag`` (``negative transfer``,
       ``n.s.``, ``better``, ``n/a``, or ``failed training`` / ``not
       engaged`` / ``reference failed`` for cells that are not findings), the
-      label-free warning's scores ``warn_*`` and ``warn_flag``, and last the
-      mean of every recorded health signal ``diag_<name>``.
+      label-free warning's scores ``warn_*`` and ``warn_flag``, the
+      suspicion columns ``suspicious`` (flagged and not cleared: left out of
+      the ranks), ``suspicion`` (the reason, also when cleared) and
+      ``suspicion_cleared``, and last the mean of every recorded health
+      signal ``diag_<name>``.
     - ``selection``: per (method, pair, validator) with several points, the
       validator's and the oracle's choice and the selection gap.
     - ``nt_test`` and ``warning_eval``: the test's settings (and a power
@@ -152,6 +190,10 @@ class Leaderboard:
     warning_eval: Mapping[str, Any] = field(default_factory=dict)
     #: the methods ranked together and the pairs they are ranked over (:mod:`dabench.ranking`)
     rank_groups: tuple[RankGroup, ...] = ()
+    #: the suspicion check's settings: oracle, margin, near-perfect level, cleared flags
+    suspicion: Mapping[str, Any] = field(default_factory=dict)
+    #: published numbers the suite cites (see :mod:`dabench.published`)
+    published: Sequence[Mapping[str, Any]] = ()
 
     def cell(self, method: str, pair: str) -> dict[str, Any]:
         """The cell of ``method`` on ``pair`` as a dict (KeyError when absent)."""
@@ -271,8 +313,9 @@ def _frame(runs: Iterable[Mapping[str, Any]] | pd.DataFrame) -> pd.DataFrame:
     df = df.astype({"pair": str, "method": str, "status": str, "params": str})
     df["point"] = pd.to_numeric(df["point"]).astype(int)
     df["seed"] = pd.to_numeric(df["seed"]).astype(int)
-    for c in ("target_acc", "target_f1", "source_acc", "wall_time_s", "peak_mem_mb"):
+    for c in ("target_acc", "target_f1", "source_acc", "wall_time_s", "rss_peak_mb", "gpu_peak_mb"):
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+    df["track"] = [("uda" if _isnan(t) or not str(t) else str(t)) for t in df["track"]]
     bad = sorted(set(df["status"]) - {"ok", "failed", "skipped"})
     if bad:
         raise LeaderboardError(f"unknown run status(es) {bad}; expected ok, failed or skipped")
@@ -628,6 +671,59 @@ def _selection(points: pd.DataFrame, df: pd.DataFrame, validators: Sequence[str]
     return pd.DataFrame(rows, columns=cols)
 
 
+def _is_cleared(method: str, column: str, cleared: Collection[str]) -> bool:
+    pair = str(column).split(" ", 1)[0]
+    return method in cleared or f"{method}:{pair}" in cleared or f"{method}:{column}" in cleared
+
+
+def _suspicion(cells: pd.DataFrame, oracle_method: str, cleared: Collection[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Flag cells too good to be true (see the module docstring), compared
+    with the pair's ``oracle_method`` cell (trained on the target train
+    labels, an upper reference).  Without an oracle cell nothing is flagged.
+
+    Beating the oracle only means something where the oracle is an upper
+    reference: on a pair where it is below the pair's own reference
+    (source-only; e.g. a budget too small to train it) only the
+    near-perfect rule applies; those pairs are returned."""
+    cleared = set(cleared)
+
+    def ok_cell(method: str, col: str) -> dict | None:
+        c = cells[(cells["method"] == method) & (cells["pair"] == col) & (cells["status"] == "ok")]
+        if c.empty or _isnan(c["target_acc_mean"].iloc[0]):
+            return None
+        return c.iloc[0].to_dict()
+
+    def sd(c: Mapping[str, Any]) -> float:
+        return 0.0 if _isnan(c["target_acc_std"]) else float(c["target_acc_std"])
+
+    weak_oracle: list[str] = []
+    for col in dict.fromkeys(cells["pair"]):
+        o = ok_cell(oracle_method, col)
+        ref_name = cells.loc[cells["pair"] == col, "nt_reference"].iloc[0]
+        ref = ok_cell(ref_name, col) if ref_name != oracle_method else None
+        if o is not None and ref is not None and float(o["target_acc_mean"]) < float(ref["target_acc_mean"]):
+            weak_oracle.append(col)
+    reasons: list[str | None] = []
+    for r in cells.to_dict("records"):
+        reason = None
+        o = ok_cell(oracle_method, r["pair"])
+        if r["status"] == "ok" and not r["reference"] and not _isnan(r["target_acc_mean"]) and o is not None:
+            m_acc, o_acc = float(r["target_acc_mean"]), float(o["target_acc_mean"])
+            margin = max(SUSPICION_MARGIN, sd(r) + sd(o))
+            if m_acc - o_acc > margin and r["pair"] not in weak_oracle:
+                reason = (f"beats {oracle_method} ({100 * m_acc:.1f}% vs {100 * o_acc:.1f}%) by more than the "
+                          f"seed spread ({100 * margin:.1f} points)")
+            elif m_acc >= NEAR_PERFECT and o_acc < NEAR_PERFECT:
+                reason = (f"near-perfect target accuracy ({100 * m_acc:.1f}%) where {oracle_method} reaches "
+                          f"{100 * o_acc:.1f}%")
+        reasons.append(reason)
+    was = [x is not None for x in reasons]
+    clear = [w and _is_cleared(m, c, cleared) for w, m, c in zip(was, cells["method"], cells["pair"])]
+    out = cells.assign(suspicious=[w and not c for w, c in zip(was, clear)], suspicion=reasons,
+                       suspicion_cleared=clear)
+    return out, weak_oracle
+
+
 # ---------------------------------------------------------------- compute
 
 
@@ -638,6 +734,7 @@ def compute_leaderboard(
     reference_method: str = "source-only",
     oracle_method: str = "target-oracle",
     suite: str | None = None,
+    cleared: Collection[str] = (),
 ) -> Leaderboard:
     """Build a :class:`Leaderboard` from run rows of one store.
 
@@ -649,6 +746,8 @@ def compute_leaderboard(
     forgetting (ranked like any method); ``oracle_method`` and every method
     whose runs have ``reference`` set are shown but never ranked.  ``suite``
     keeps only that suite's runs (required when the store holds several).
+    ``cleared`` lists suspicion flags a person has checked (``METHOD`` or
+    ``METHOD:SOURCE:TARGET``): those cells are ranked again.
     """
     df = _frame(runs)
 
@@ -743,6 +842,7 @@ def compute_leaderboard(
               run_health(r, target_trained=reference.get(r["method"], False) or r["method"] == FEWSHOT_REFERENCE)
               for r in ok_runs.to_dict("records")}
     diag_cols = sorted(c for c in df.columns if c.startswith("x_diag_"))
+    track = df.groupby("method")["track"].agg(lambda s: next((str(v) for v in s if not _isnan(v)), "uda"))
 
     cell_rows = []
     for m in methods_all:
@@ -751,6 +851,7 @@ def compute_leaderboard(
             pt = points[(points["pair"] == col) & (points["method"] == m) & points["selected"]]
             row: dict[str, Any] = {
                 "method": m, "pair": col, "pair_label": pair_label(col), "family": family.get(m, ""),
+                "track": track.get(m, "uda"),
                 "reference": reference.get(m, False), "ranked": ranked[m],
             }
             ok = g[g["status"] == "ok"]
@@ -789,17 +890,19 @@ def compute_leaderboard(
             row.update(_health_columns([(int(s), health[(col, m, int(s))]) for s in ok["seed"]]))
             row.update({f"diag_{c[len('x_diag_'):]}": _mean(ok[c]) for c in diag_cols})
             row["wall_time_s_mean"] = _mean(ok["wall_time_s"])
-            row["peak_mem_mb_mean"] = _mean(ok["peak_mem_mb"])
+            row["rss_peak_mb_mean"] = _mean(ok["rss_peak_mb"])
+            row["gpu_peak_mb_mean"] = _mean(ok["gpu_peak_mb"])
             first = pair_first[col]
             row["protocol"] = None if _isnan(first["protocol"]) else str(first["protocol"])
             row["budget"] = None if _isnan(first["budget"]) else str(first["budget"])
             cell_rows.append(row)
     cells = pd.DataFrame(cell_rows)
     # a fixed column order for the CSV
-    order = ["method", "pair", "pair_label", "family", "reference", "ranked", "status", "skip_reason", "point",
+    order = ["method", "pair", "pair_label", "family", "track", "reference", "ranked", "status", "skip_reason", "point",
              "params", "n_points", "selection_score", "n_seeds_ok", "n_failed", "n_skipped", "target_acc_mean",
              "target_acc_std", "target_f1_mean", "source_acc_mean", "gap_mean", "gap_std", "gap_n",
-             "forgetting_mean", "forgetting_n", "rank", "wall_time_s_mean", "peak_mem_mb_mean", "protocol", "budget",
+             "forgetting_mean", "forgetting_n", "rank", "wall_time_s_mean", "rss_peak_mb_mean", "gpu_peak_mb_mean",
+             "protocol", "budget",
              *HEALTH_COLUMNS]
     diag_out = [f"diag_{c[len('x_diag_'):]}" for c in diag_cols]
     cells = cells[order + ["nt_reference"]].assign(**{c: cells[c] for c in diag_out})
@@ -809,7 +912,10 @@ def compute_leaderboard(
                                failed_training=failed)
     cells = cells[[c for c in cells.columns if c not in diag_out] + diag_out]  # diagnostics last
 
-    # ---- ranks per pair over the pairs every ranked method (of its group) has a finding on
+    cells, weak_oracle = _suspicion(cells, oracle_method, cleared)
+
+    # ---- ranks per pair over the pairs every ranked method (of its group, within its track) has a
+    # finding on; suspicious cells are not findings until cleared
     cells["rank"], rank_groups = rank_cells(cells, ranked, columns, _RANK_DECIMALS)
     group_of = {m: g for g in rank_groups for m in g.methods}
 
@@ -822,7 +928,8 @@ def compute_leaderboard(
         r_all = df[df["method"] == m]
         ok_all = r_all[r_all["status"] == "ok"]
         meth_rows.append({
-            "method": m, "family": family.get(m, ""), "reference": reference[m], "ranked": ranked[m],
+            "method": m, "family": family.get(m, ""), "track": track.get(m, "uda"), "reference": reference[m],
+            "ranked": ranked[m],
             "baseline": m == reference_method,
             "n_pairs": n_pairs, "n_pairs_ok": len(res), "complete": len(res) == n_pairs,
             "mean_acc": float(res["target_acc_mean"].mean()) if len(res) else math.nan,
@@ -834,8 +941,11 @@ def compute_leaderboard(
             "n_skipped": int((r_all["status"] == "skipped").sum()),
             "wall_time_s_mean": _mean(ok_all["wall_time_s"]),
             "wall_time_s_total": float(ok_all["wall_time_s"].dropna().sum()),
-            "peak_mem_mb_mean": _mean(ok_all["peak_mem_mb"]),
-            "peak_mem_mb_max": float(ok_all["peak_mem_mb"].max()) if ok_all["peak_mem_mb"].notna().any() else math.nan,
+            "rss_peak_mb_mean": _mean(ok_all["rss_peak_mb"]),
+            "rss_peak_mb_max": float(ok_all["rss_peak_mb"].max()) if ok_all["rss_peak_mb"].notna().any() else math.nan,
+            "gpu_peak_mb_mean": _mean(ok_all["gpu_peak_mb"]),
+            "gpu_peak_mb_max": float(ok_all["gpu_peak_mb"].max()) if ok_all["gpu_peak_mb"].notna().any() else math.nan,
+            "n_suspicious": int(c["suspicious"].sum()),
         })
     methods = pd.DataFrame(meth_rows)
     # ranked methods first (by rank group, then average rank), then the baseline, the few-shot
@@ -843,12 +953,15 @@ def compute_leaderboard(
     methods = methods.assign(
         _ref=[0 if r else (1 if m == reference_method else 2 if m in references else 3)
                for m, r in zip(methods["method"], methods["ranked"])],
+        _track=[TRACK_ORDER.index(t) if t in TRACK_ORDER else len(TRACK_ORDER) for t in methods["track"]],
+        _tname=methods["track"],
         _norank=methods["avg_rank"].isna().astype(int),
         _group=methods["rank_group"].fillna(len(rank_groups)).astype(int),
         _rank=methods["avg_rank"].fillna(0.0).round(_RANK_DECIMALS),
         _acc=-methods["mean_acc"].fillna(-1.0).round(_RANK_DECIMALS),
-    ).sort_values(["_ref", "_norank", "_group", "_rank", "_acc", "method"], kind="mergesort")
-    methods = methods.drop(columns=["_ref", "_norank", "_group", "_rank", "_acc"]).reset_index(drop=True)
+    ).sort_values(["_ref", "_track", "_tname", "_norank", "_group", "_rank", "_acc", "method"], kind="mergesort")
+    methods = methods.drop(columns=["_ref", "_track", "_tname", "_norank", "_group", "_rank", "_acc"]
+                           ).reset_index(drop=True)
 
     pos_m = {m: i for i, m in enumerate(methods["method"])}
     pos_c = {c: i for i, c in enumerate(columns)}
@@ -865,6 +978,12 @@ def compute_leaderboard(
     settings = {
         k: tuple(sorted({str(v) for v in df[k] if not _isnan(v)})) for k in ("protocol", "budget", "backbone")
     }
+    done = df[df["status"] != "skipped"]  # a skipped run computed nothing
+    for key, col in RESULT_SETTINGS.items():
+        rows = done[done["status"] == "ok"] if col == "device" else done  # a failed run has no device
+        vals = {str(int(v)) if col == "threads" else str(v) for v in rows[col] if not _isnan(v)}
+        missing = any(_isnan(v) for v in rows[col])
+        settings[key] = tuple(sorted(vals, key=lambda v: (len(v), v))) + (("not recorded",) if missing else ())
     return Leaderboard(
         suite=suites[0] if len(suites) == 1 else None,
         validator=validator,
@@ -884,6 +1003,9 @@ def compute_leaderboard(
         nt_test=_nt_test_info(cells, seeds),
         warning_eval=_evaluate_warning(cells),
         rank_groups=tuple(rank_groups),
+        suspicion={"oracle_method": oracle_method, "margin": SUSPICION_MARGIN, "near_perfect": NEAR_PERFECT,
+                   "cleared": sorted(set(cleared)), "oracle_below_reference": [pair_label(c) for c in weak_oracle],
+                   "oracle_present": bool(((cells["method"] == oracle_method) & (cells["status"] == "ok")).any())},
     )
 
 
@@ -895,25 +1017,31 @@ def build_leaderboard(
     oracle_method: str = "target-oracle",
     suite: str | None = None,
     keys: Collection[str] | None = None,
+    cleared: Collection[str] = (),
 ) -> Leaderboard:
-    """Read a results folder's run store and :func:`compute_leaderboard` it.
+    """Read a results folder's run store (read-only) and :func:`compute_leaderboard` it.
 
     ``keys``, when given, keeps only the runs with those run keys (the runs
     of a suite as it is now: stored runs of grid points since removed from
     the suite are left out)."""
     from .store import RunStore
 
-    store = RunStore(store_folder, create=False)
+    store = RunStore.open_readonly(store_folder)
     try:
         rows = store.rows()
+        published = _json_obj(store.get_meta("published")) or []
     finally:
         store.close()
     if keys is not None:
         wanted = set(keys)
         rows = [r for r in rows if r["key"] in wanted]
-    return compute_leaderboard(
-        rows, validator, reference_method=reference_method, oracle_method=oracle_method, suite=suite
+    board = compute_leaderboard(
+        rows, validator, reference_method=reference_method, oracle_method=oracle_method, suite=suite,
+        cleared=cleared,
     )
+    if isinstance(published, list) and published:
+        board = dataclasses.replace(board, published=tuple(published))
+    return board
 
 
 # ---------------------------------------------------------------- renderers
@@ -956,6 +1084,43 @@ def _method_label(board: Leaderboard, row: Mapping[str, Any]) -> str:
     if row["method"] == board.reference_method:
         return f"{row['method']} (baseline)"
     return str(row["method"])
+
+
+def _tracks_present(board: Leaderboard) -> list[str]:
+    present = set(board.methods["track"]) if "track" in board.methods else {"uda"}
+    return [t for t in TRACK_ORDER if t in present] + sorted(present - set(TRACK_ORDER))
+
+
+def _track_label(board: Leaderboard, row: Mapping[str, Any]) -> str:
+    """The Track column: the method's track; the baseline is every track's reference."""
+    track = str(row.get("track") or "uda")
+    if row["method"] == board.reference_method and len(_tracks_present(board)) > 1:
+        return f"{track} (reference of all)"
+    return track
+
+
+def _md_tracks(board: Leaderboard) -> list[str]:
+    """What each track present gives its methods, and how ranks treat tracks."""
+    from .contract import TRACKS
+
+    tracks = _tracks_present(board)
+    if tracks == ["uda"]:
+        return [f"Track: every method ran under `uda` ({TRACKS['uda']}).", ""]
+    out = ["Tracks (what a method is given; see `dabench.tracks`):", ""]
+    out += [f"- `{t}`: {TRACKS.get(t, 'a track this dabench does not know')}." for t in tracks]
+    out += [
+        "",
+        "**Ranks are within a track**: methods of different tracks see different data and are never ranked "
+        "against each other (Avg rank compares a method with the others of its track only). Every track's "
+        f"gaps and negative-transfer verdicts are against the same reference, `{board.reference_method}` (the "
+        "untouched shared source model, the starting point of every source-free and test-time method; it does "
+        "not adapt, so its accuracy is the same in every track), so gaps compare across tracks. Validators see "
+        "what the method saw: those needing source data (`source-val`, `dev`) have no score for source-free and "
+        "test-time runs, so a method of those tracks with several hyperparameter points keeps its first point "
+        "unless the suite's validator works on target data alone (`entropy`, `im`, `snd`, `bnm`).",
+        "",
+    ]
+    return out
 
 
 def _seed_list(seeds: Iterable[Any]) -> str:
@@ -1003,7 +1168,7 @@ def _md_negative_transfer(board: Leaderboard) -> list[str]:
         cells = [board.cell(m, col) for col in board.pairs]
         if all(c["nt_flag"] == "n/a" for c in cells):
             continue
-        line = [m]
+        line = [m, _track_label(board, mrow)]
         for c in cells:
             if c["nt_flag"] == "n/a":
                 line.append("—")
@@ -1018,7 +1183,7 @@ def _md_negative_transfer(board: Leaderboard) -> list[str]:
                         f"{verdict}")
         rows.append(line)
     if rows:
-        out += _md_table(["Method", *board.pair_labels], rows, [False] * (1 + len(board.pairs)))
+        out += _md_table(["Method", "Track", *board.pair_labels], rows, [False] * (2 + len(board.pairs)))
     else:
         out.append("No cell could be tested (each needs a method and its reference ok on at least 2 seeds).")
     return out
@@ -1134,8 +1299,9 @@ def _md_ranking(board: Leaderboard) -> list[str]:
     if not groups:
         return []
     out = ["", "## Ranking", ""]
+    several = len({g.track for g in groups}) > 1
     for g in groups:
-        head = (f"{', '.join(g.methods)}: ranked over {len(g.pairs)} pair(s)"
+        head = ((f"track {g.track}: " if several else "") + f"{', '.join(g.methods)}: ranked over {len(g.pairs)} pair(s)"
                 + (f" ({', '.join(pair_label(p) for p in g.pairs)})" if g.pairs else ""))
         out.append(f"- {head}" + ("." if not g.left_out else "; left out: " + "; ".join(
             f"{pair_label(p)} ({why})" for p, why in g.left_out) + "."))
@@ -1179,6 +1345,64 @@ def _md_selection(board: Leaderboard) -> list[str]:
     return out
 
 
+def _md_suspicion(board: Leaderboard) -> list[str]:
+    info = board.suspicion
+    if not info:
+        return []
+    flagged = board.cells[board.cells["suspicion"].notna()] if "suspicion" in board.cells else board.cells.iloc[:0]
+    out = ["", "## Too good to be true", ""]
+    oracle = info.get("oracle_method", board.oracle_method)
+    rule = (f"A cell is flagged **SUSPECT** when its method beats `{oracle}` (trained on the target train labels) by "
+            f"more than the seed spread (the two cells' standard deviations added, at least "
+            f"{100 * float(info['margin']):.0f} point), or reaches near-perfect target accuracy (at least "
+            f"{100 * float(info['near_perfect']):.0f}%) where `{oracle}` does not. Flagged cells are not ranked "
+            f"until a person has checked the method and cleared them (suite key `cleared = [\"METHOD:SOURCE:TARGET\"]` "
+            f"or `--clear METHOD:SOURCE:TARGET`). Plugins are trusted code that runs in dabench's processes; the "
+            f"host keeps target test labels out of the process that runs `fit`, and this flag shows a method that "
+            f"found them some other way (e.g. by reloading a public dataset).")
+    out.append(rule)
+    out.append("")
+    if not info.get("oracle_present"):
+        out.append(f"No `{oracle}` results in this board: the check could not run.")
+        return out
+    weak = info.get("oracle_below_reference") or []
+    if weak:
+        out += [f"`{oracle}` is below the pair's reference on {', '.join(weak)} (not an upper reference there, "
+                f"e.g. a budget too small to train it): only the near-perfect rule applies on those pairs.", ""]
+    if flagged.empty:
+        out.append("No cell is flagged.")
+        return out
+    rows = [[r["method"], r["pair_label"], _pct(r["target_acc_mean"]), str(r["suspicion"]),
+             "cleared (ranked)" if r["suspicion_cleared"] else "flagged (not ranked)"]
+            for r in flagged.to_dict("records")]
+    out += _md_table(["Method", "Pair", "Target acc (%)", "Why", "Status"], rows, [False, False, True, False, False])
+    return out
+
+
+def _md_computed_with(board: Leaderboard) -> str:
+    """``Computed with: torch `2.13.0`, 1 thread per run, device `cpu`.``: the
+    settings besides the suite's that determine the results (a rerun with
+    the same ones reproduces the tables)."""
+    parts = []
+    torch_v = board.settings.get("torch", ())
+    if torch_v:
+        parts.append("torch " + " and ".join(f"`{v}`" for v in torch_v))
+    threads = board.settings.get("threads", ())
+    if threads:
+        parts.append(" and ".join(f"`{t}`" for t in threads) + " torch thread" + ("" if threads == ("1",) else "s")
+                     + " per run")
+    device = board.settings.get("device", ())
+    if device:
+        parts.append("device " + " and ".join(f"`{d}`" for d in device))
+    if not parts:
+        return ""
+    line = "Computed with: " + ", ".join(parts) + "."
+    if len(torch_v) > 1 or len(threads) > 1:
+        line += (" The runs were computed with different settings: rerunning them with one setting may change "
+                 "results in the last digits.")
+    return line
+
+
 def to_markdown(board: Leaderboard) -> str:
     """The report as Markdown: the main table, selected hyperparameters,
     source accuracy/forgetting, cost per run, and failed/skipped runs."""
@@ -1197,6 +1421,9 @@ def to_markdown(board: Leaderboard) -> str:
         vals = board.settings.get(key, ())
         if vals:
             out.append(f"{name}: " + "; ".join(f"`{v}`" for v in vals) + ".")
+    computed = _md_computed_with(board)
+    if computed:
+        out.append(computed)
     if board.superseded_runs:
         out.append(
             f"{board.superseded_runs} older run(s) superseded by a later run of the same "
@@ -1207,11 +1434,13 @@ def to_markdown(board: Leaderboard) -> str:
         f"Cells: target accuracy (%) as mean ± sample std over seeds; in parentheses the gap to the pair's "
         f"reference ({_reference_phrase(board)}) in percentage points, averaged over the seeds both have ok; "
         f"**NT**: significant negative transfer, see below. "
+        f"**SUSPECT**: too good to be true, not ranked until cleared (see below). "
         f"Mean: over pairs. Avg rank: 1 = best, ties share the average rank, over the pairs every ranked method "
-        f"(of those applying to the same pairs) has a finding on (see \"Ranking\"); the baseline, the pairs' "
-        f"references and rows that use target labels are not ranked.",
+        f"(of those applying to the same pairs, within one track) has a finding on (see \"Ranking\"); the "
+        f"baseline, the pairs' references and rows that use target labels are not ranked.",
         "",
     ]
+    out += _md_tracks(board)
 
     n_max = max([int(n) for n in board.cells["n_seeds_ok"]] + [0])
     unhealthy: set[str] = set()
@@ -1220,7 +1449,7 @@ def to_markdown(board: Leaderboard) -> str:
     rows = []
     for mrow in board.methods.to_dict("records"):
         m = mrow["method"]
-        line = [_method_label(board, mrow)]
+        line = [_method_label(board, mrow), _track_label(board, mrow)]
         for col in board.pairs:
             c = board.cell(m, col)
             if c["status"] == "ok":
@@ -1232,6 +1461,8 @@ def to_markdown(board: Leaderboard) -> str:
                 if c.get("health") in ("failed training", "not engaged"):
                     s += f" [{c['health']}]"
                     unhealthy.add(c["health"])
+                if c.get("suspicious"):
+                    s += " **SUSPECT**"
                 if int(c["n_seeds_ok"]) < n_max:
                     s += f" [n={int(c['n_seeds_ok'])}]"
             elif c["status"] == "skipped":
@@ -1249,8 +1480,8 @@ def to_markdown(board: Leaderboard) -> str:
         line.append(mean)
         line.append("—" if _isnan(mrow["avg_rank"]) else f"{float(mrow['avg_rank']):.2f}")
         rows.append(line)
-    headers = ["Method", *board.pair_labels, "Mean", "Avg rank"]
-    out += _md_table(headers, rows, [False] + [False] * len(board.pairs) + [True, True])
+    headers = ["Method", "Track", *board.pair_labels, "Mean", "Avg rank"]
+    out += _md_table(headers, rows, [False, False] + [False] * len(board.pairs) + [True, True])
     if n_max and any(int(n) < n_max for n in board.cells.loc[board.cells["status"] == "ok", "n_seeds_ok"]):
         out += ["", "[n=k]: only k seeds ok in that cell (the others failed or are missing)."]
     if unhealthy:
@@ -1264,6 +1495,7 @@ def to_markdown(board: Leaderboard) -> str:
     if partial:
         out += ["", "\\* mean over the pairs with a result only:"]
         out += [f"- {p}" for p in partial]
+    out += _md_suspicion(board)
 
     out += _md_ranking(board)
 
@@ -1307,14 +1539,20 @@ def to_markdown(board: Leaderboard) -> str:
     out += _md_warning(board)
     out += _md_selection(board)
 
-    out += ["", "## Cost per run", "", "Mean over ok runs of every hyperparameter point.", ""]
+    from .published import to_markdown as published_md
+
+    out += published_md(board)
+    out += ["", "## Cost per run", "",
+            "Mean over ok runs of every hyperparameter point. Peak RSS: the resident memory a run added above its "
+            "worker process's at the run's start (CPU); GPU peak: the peak of torch's CUDA allocator during the run.",
+            ""]
     rows = [
         [_method_label(board, r), str(int(r["n_ok"])), _num(r["wall_time_s_mean"], ".2f"),
-         _num(r["wall_time_s_total"], ".1f"), _num(r["peak_mem_mb_mean"], ".1f")]
+         _num(r["wall_time_s_total"], ".1f"), _num(r["rss_peak_mb_mean"], ".1f"), _num(r["gpu_peak_mb_mean"], ".1f")]
         for r in board.methods.to_dict("records")
     ]
-    out += _md_table(["Method", "Runs ok", "Wall time (s)", "Total wall time (s)", "Peak memory (MB)"], rows,
-                     [False, True, True, True, True])
+    out += _md_table(["Method", "Runs ok", "Wall time (s)", "Total wall time (s)", "Peak RSS (MB)", "GPU peak (MB)"],
+                     rows, [False, True, True, True, True, True])
 
     out += ["", "## Failed and skipped runs", ""]
     if board.issues.empty:
@@ -1363,7 +1601,10 @@ def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def to_json(board: Leaderboard) -> str:
-    """Every number and flag of the board as JSON (fractions; NaN -> null)."""
+    """Every number and flag of the board as JSON (fractions; NaN -> null;
+    the published comparison in percent)."""
+    from .published import comparison as published_comparison
+
     doc = {
         "format": "dabench-leaderboard",
         "format_version": JSON_FORMAT_VERSION,
@@ -1382,8 +1623,10 @@ def to_json(board: Leaderboard) -> str:
         "selection": _records(board.selection) if board.selection is not None else [],
         "negative_transfer_test": _plain_tree(board.nt_test),
         "warning_evaluation": _plain_tree(board.warning_eval),
-        "rank_groups": [{"methods": list(g.methods), "pairs": list(g.pairs),
+        "rank_groups": [{"track": g.track, "methods": list(g.methods), "pairs": list(g.pairs),
                          "left_out": [{"pair": p, "why": why} for p, why in g.left_out]} for g in board.rank_groups],
+        "suspicion": _plain_tree(board.suspicion),
+        "published": _plain_tree(published_comparison(board)),
     }
     return json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
@@ -1417,6 +1660,7 @@ def write_reports(
     oracle_method: str = "target-oracle",
     suite: str | None = None,
     keys: Collection[str] | None = None,
+    cleared: Collection[str] = (),
 ) -> dict[str, Path]:
     """Write ``leaderboard.<fmt>`` for each of ``formats`` (``md``, ``csv``,
     ``json``, ``html``) into ``out_dir``; return ``{fmt: path}``."""
@@ -1425,7 +1669,7 @@ def write_reports(
         raise LeaderboardError(f"unknown report format(s) {unknown}; choose from {sorted(_RENDERERS)}")
     board = build_leaderboard(
         store_folder, validator, reference_method=reference_method, oracle_method=oracle_method, suite=suite,
-        keys=keys,
+        keys=keys, cleared=cleared,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -146,7 +146,9 @@ def get_plugin_manager(
                     continue
                 pm.register(plugin, name=ep.name)
                 origins[ep.name] = f"entry point {ep.value}"
-            except Exception as exc:  # a broken plugin fails alone
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - a broken plugin (even one calling sys.exit) fails alone
                 errors.append(PluginError(ep.name, f"failed to load ({ep.value}): {_one_line(exc)}; it was skipped"))
                 log.debug("plugin %s failed:\n%s", ep.name, traceback.format_exc())
 
@@ -170,7 +172,9 @@ def get_plugin_manager(
                         continue
                     pm.register(module, name=name)
                     origins[name] = str(path)
-                except Exception as exc:
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - SystemExit at import fails this plugin only
                     errors.append(PluginError(name, f"failed to import {path}: {_one_line(exc)}; it was skipped"))
     pm.check_pending()
     return pm
@@ -189,6 +193,10 @@ class Registry:
     unavailable: list[Unavailable] = field(default_factory=list)
     owner: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> plugin
     pm: pluggy.PluginManager | None = None
+    #: how :func:`get_registry` built it (``plugins_dir``, ``entrypoints``,
+    #: ``blocked``), so a worker process can build the same one; None for a
+    #: registry assembled in memory
+    source: dict[str, Any] | None = None
 
     def method(self, name: str) -> type[Method]:
         return self.methods[name]
@@ -237,7 +245,9 @@ def build_registry(pm: pluggy.PluginManager, errors: list[PluginError] | None = 
 
             try:
                 impl.function(register=register)
-            except Exception as exc:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001
                 reg.errors.append(PluginError(pname, f"{hook_name} failed: {_one_line(exc)}; its {kind}s were skipped"))
                 continue
             for name, value in staged.items():
@@ -276,7 +286,9 @@ def build_registry(pm: pluggy.PluginManager, errors: list[PluginError] | None = 
 
         try:
             impl.function(register=say)
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001
             reg.errors.append(PluginError(pname, f"dabench_unavailable failed: {_one_line(exc)}"))
             continue
         reg.unavailable += found
@@ -289,5 +301,9 @@ def get_registry(plugins_dir: str | os.PathLike | None = None, entrypoints: bool
     """Plugin manager + registry in one call (what the CLI uses)."""
     errors: list[PluginError] = []
     origins: dict[str, str] = {}
+    blocked = tuple(blocked)
     pm = get_plugin_manager(plugins_dir, entrypoints, blocked, errors, origins)
-    return build_registry(pm, errors, origins)
+    reg = build_registry(pm, errors, origins)
+    reg.source = {"plugins_dir": None if plugins_dir is None else str(plugins_dir), "entrypoints": entrypoints,
+                  "blocked": blocked}
+    return reg

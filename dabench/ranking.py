@@ -6,12 +6,15 @@ ranked with, over the same pairs.  Rules:
 - Reference rows are never ranked: the baseline (``source-only``), the
   few-shot reference (``target-only-k``) and rows that use target labels
   (``target-oracle``).
-- Ranked methods are grouped by the pairs they apply to (the pairs where
+- Ranked methods are grouped by their track (``uda``, ``source-free``,
+  ``test-time``: the tracks give methods different data, so a group never
+  mixes them) and by the pairs they apply to (the pairs where
   they were not skipped): e.g. unsupervised methods on the shared-space
   pairs, heterogeneous methods on the native-space pairs.  Each group is
   ranked over its **common pairs**: the pairs where every method of the group
   has a result that is a finding (runs ok, training did not fail, adaptation
-  engaged; :mod:`dabench.health`).  A pair where one method has no such
+  engaged; :mod:`dabench.health`; not flagged as too good to be true, unless
+  a person cleared it).  A pair where one method has no such
   result is left out for the whole group and the report says why.  A method
   with no finding at all is left out of its group (nothing to rank).
 - Per common pair, ranks by mean target accuracy (1 = best, ties share the
@@ -38,13 +41,15 @@ class RankGroup:
     methods: tuple[str, ...]
     pairs: tuple[str, ...]
     left_out: tuple[tuple[str, str], ...]
+    track: str = "uda"
 
 
 def rank_cells(cells: pd.DataFrame, ranked: Mapping[str, bool], pairs: Sequence[str],
                decimals: int = 12) -> tuple[pd.Series, list[RankGroup]]:
     """Per-cell ranks (NaN outside the common pairs) and the rank groups,
     largest first.  ``cells`` needs ``method, pair, status, health,
-    target_acc_mean``; ``ranked[m]`` says whether method ``m`` is ranked."""
+    target_acc_mean`` (and uses ``track`` and ``suspicious`` when present);
+    ``ranked[m]`` says whether method ``m`` is ranked."""
     rank = pd.Series(math.nan, index=cells.index, dtype=float)
     by = {(r.method, r.pair): (i, r) for i, r in zip(cells.index, cells.itertuples())}
     methods = [m for m in dict.fromkeys(cells["method"]) if ranked.get(m, False)]
@@ -54,7 +59,8 @@ def rank_cells(cells: pd.DataFrame, ranked: Mapping[str, bool], pairs: Sequence[
         if hit is None:
             return False
         r = hit[1]
-        return r.status == "ok" and r.health == "ok" and not pd.isna(r.target_acc_mean)
+        return (r.status == "ok" and r.health == "ok" and not pd.isna(r.target_acc_mean)
+                and not bool(getattr(r, "suspicious", False)))
 
     def why(m: str, p: str) -> str:
         hit = by.get((m, p))
@@ -63,16 +69,23 @@ def rank_cells(cells: pd.DataFrame, ranked: Mapping[str, bool], pairs: Sequence[
         r = hit[1]
         if r.status != "ok":
             return str(r.status)
-        return str(r.health) if r.health != "ok" else "no accuracy"
+        if r.health != "ok":
+            return str(r.health)
+        return "suspect (not cleared)" if bool(getattr(r, "suspicious", False)) else "no accuracy"
 
-    applies: dict[frozenset, list[str]] = {}
+    track_of = {}
+    if "track" in cells:
+        for m, t in zip(cells["method"], cells["track"]):
+            track_of.setdefault(m, "uda" if t is None or (isinstance(t, float) and math.isnan(t)) else str(t))
+
+    applies: dict[tuple[str, frozenset], list[str]] = {}
     for m in methods:
         mine = frozenset(p for p in pairs if (m, p) in by and by[(m, p)][1].status not in ("skipped", "not run"))
         if any(finding(m, p) for p in mine):
-            applies.setdefault(mine, []).append(m)
-    ordered = sorted(applies.items(), key=lambda kv: (-len(kv[1]), -len(kv[0]), sorted(kv[1])))
+            applies.setdefault((track_of.get(m, "uda"), mine), []).append(m)
+    ordered = sorted(applies.items(), key=lambda kv: (-len(kv[1]), -len(kv[0][1]), sorted(kv[1])))
     groups = []
-    for gi, (ps, ms) in enumerate(ordered):
+    for gi, ((track, ps), ms) in enumerate(ordered):
         gpairs = [p for p in pairs if p in ps]
         common = [p for p in gpairs if all(finding(m, p) for m in ms)]
         left = []
@@ -85,5 +98,5 @@ def rank_cells(cells: pd.DataFrame, ranked: Mapping[str, bool], pairs: Sequence[
             idx = [by[(m, p)][0] for m in ms]
             acc = cells.loc[idx, "target_acc_mean"].astype(float).round(decimals)
             rank.loc[idx] = acc.rank(ascending=False, method="average")
-        groups.append(RankGroup(gi, tuple(ms), tuple(common), tuple(left)))
+        groups.append(RankGroup(gi, tuple(ms), tuple(common), tuple(left), track))
     return rank, groups

@@ -48,6 +48,7 @@ td.nt{background:#f9d3d0;font-weight:600}
 td.better{background:#d5ecd5}
 td.warn{background:#fdebc8}
 td.nf{background:repeating-linear-gradient(135deg,#ececec 0 6px,#dcdcdc 6px 12px);color:#555}
+td.suspect{background:#e8d5f5;font-weight:600}
 code{background:#f3f3f3;padding:0 .2em;border-radius:3px;font-size:.92em}
 figure{margin:1em 0}
 figcaption{font-size:.9em;color:#444;max-width:60em}
@@ -82,7 +83,9 @@ def _cell_class(text: str, right: bool) -> str:
     classes = []
     if right or re.fullmatch(r"[-+]?[\d.]+\*?|—", text):
         classes.append("num")
-    if "**NT**" in text or "**negative transfer**" in text:
+    if "**SUSPECT**" in text:
+        classes.append("suspect")
+    elif "**NT**" in text or "**negative transfer**" in text:
         classes.append("nt")
     elif re.search(r"\[(failed training|not engaged)\]$|(failed training|not engaged|reference failed)$", text):
         classes.append("nf")
@@ -245,7 +248,9 @@ def heatmap_figure(board: Leaderboard):
     fig, ax = plt.subplots(figsize=(2.2 + 1.45 * len(board.pairs), 1.0 + 0.14 * lines + 0.5 * len(methods)))
     im = ax.imshow(np.ma.masked_invalid(gain), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
     ax.set_xticks(range(len(board.pairs)), ticks, fontsize=7.5)
-    ax.set_yticks(range(len(methods)), methods, fontsize=9)
+    track = dict(zip(board.methods["method"], board.methods["track"])) if "track" in board.methods else {}
+    labels = [m if track.get(m, "uda") == "uda" else f"{m} [{track[m]}]" for m in methods]
+    ax.set_yticks(range(len(methods)), labels, fontsize=9)
     for i in range(len(methods)):
         for j in range(len(board.pairs)):
             if np.isnan(gain[i, j]):
@@ -296,9 +301,13 @@ def critical_difference(avg_ranks: Sequence[float], n_datasets: int, alpha: floa
     return q * math.sqrt(k * (k + 1) / (6.0 * n_datasets))
 
 
-def _rank_plot(board: Leaderboard) -> tuple[str | None, str]:
-    ranked = board.methods[board.methods["avg_rank"].notna()].sort_values("avg_rank")
-    groups = [g for g in board.rank_groups if g.pairs]
+def _rank_plot(board: Leaderboard, track: str | None = None) -> tuple[str | None, str]:
+    """The critical-difference diagram of the largest rank group (of
+    ``track`` only, when given: ranks are computed within a track; ranks of
+    different groups are not comparable)."""
+    methods = board.methods if track is None else board.methods[board.methods["track"] == track]
+    ranked = methods[methods["avg_rank"].notna()].sort_values("avg_rank")
+    groups = [g for g in board.rank_groups if g.pairs and (track is None or g.track == track)]
     others = ""
     if groups:  # the largest group: ranks of different groups are not comparable
         first = groups[0]
@@ -334,6 +343,10 @@ def _rank_plot(board: Leaderboard) -> tuple[str | None, str]:
         ax.plot(r, 0, "o", color="#333", ms=4)
     caption = (f"Average rank over the {n_pairs} pair(s) where every ranked method has a finding (1 = best); "
                f"the baseline and reference rows are not ranked.")
+    if track is not None:
+        caption = (f"Track {track}: average rank over the {n_pairs} pair(s) where every ranked method of this track "
+                   f"has a finding (1 = best); methods of other tracks are ranked apart; reference rows are not "
+                   f"ranked.")
     if not math.isnan(cd):
         ax.plot([lo, lo + cd], [1.2, 1.2], color="#b00", lw=2)
         ax.text(lo + cd / 2, 1.35, f"CD = {cd:.2f}", ha="center", va="bottom", fontsize=9, color="#b00")
@@ -365,7 +378,14 @@ def to_html(board: Leaderboard) -> str:
     body = markdown_to_html(to_markdown(board))
     title = f"Leaderboard: {board.suite}" if board.suite else "Leaderboard"
     figures = []
-    heat = _heatmap(board)
+    _pyplot()
+    import matplotlib
+
+    # names are plain text: a '$' in a method name must not start math text
+    with matplotlib.rc_context({"text.parse_math": False}):
+        heat = _heatmap(board)
+        tracks = [t for t in dict.fromkeys(board.methods["track"])] if "track" in board.methods else ["uda"]
+        rank_plots = [(track, *_rank_plot(board, track if len(tracks) > 1 else None)) for track in tracks]
     if heat:
         figures.append(
             f'<figure id="gain-heatmap"><img alt="gain over reference heatmap" src="data:image/png;base64,{heat}">'
@@ -375,12 +395,13 @@ def to_html(board: Leaderboard) -> str:
             f"hatched cells are not findings (training failed, adaptation never engaged, or the reference "
             f"failed).</figcaption></figure>"
         )
-    ranks, caption = _rank_plot(board)
-    if ranks:
-        figures.append(
-            f'<figure id="rank-plot"><img alt="average rank diagram" src="data:image/png;base64,{ranks}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-        )
+    for track, ranks, caption in rank_plots:
+        if ranks:
+            fid = "rank-plot" if len(tracks) == 1 else f"rank-plot-{track}"
+            figures.append(
+                f'<figure id="{fid}"><img alt="average rank diagram" src="data:image/png;base64,{ranks}">'
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
     plots = ("<h2>Plots</h2>\n" + "\n".join(figures)) if figures else ""
     # the plots go right after the main table (before the first "##" section)
     split = body.find("<h2>")

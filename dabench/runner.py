@@ -1,12 +1,22 @@
 """Execute a suite: expand runs, skip the keys already stored, run the rest.
 
-Each run builds the pair split for its seed (cached across the runs that
-share it), gives the method a :class:`~dabench.Task`, evaluates the returned
-predictor on data the method never saw (target test, source test), scores
-every validator, and writes one row to the store in one transaction.  A
-method that raises, or whose loss diverges, is stored as ``failed`` with the
-reason; the sweep goes on.  ``KeyboardInterrupt`` stops the sweep between
-stores, never inside one.
+The driver (this module) builds the pair split for each seed (cached across
+the runs that share it) and keeps its target test labels.  A worker process
+(:mod:`dabench.isolation`, :mod:`dabench.executors`) receives only what the
+:class:`~dabench.Task` carries plus the unlabelled evaluation inputs, runs
+the method's ``skip`` and ``fit``, predicts on target test and source test
+inputs, scores every validator, and returns predicted classes; the driver
+computes accuracy, macro-F1 and source accuracy and writes one row to the
+store in one transaction.
+
+Every run ends in the store: a method that raises (``SystemExit`` and other
+``BaseException`` included), whose loss diverges, that kills or crashes its
+worker (retried once on a fresh worker first) or that exceeds the per-run
+time limit is stored as ``failed`` with the reason; the sweep goes on.
+``KeyboardInterrupt`` (Ctrl-C) stops the sweep between stores, never inside
+one.  Concurrent invocations on one results folder claim each run in the
+store before computing it (:meth:`dabench.store.RunStore.claim`), so no run
+is computed twice.
 
 Where runs are computed is the executor's business (:mod:`dabench.executors`:
 serial, a process pool, Ray); whatever the executor, only this driver writes
@@ -20,7 +30,7 @@ import math
 import os
 import platform
 import time
-import traceback
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -32,8 +42,9 @@ import numpy as np
 from . import __version__
 from .contract import Task
 from .data.core import DataError, DomainSpec, PairSplit, check_domain_arrays, make_split
+from .isolation import RunRequest, SplitInputs, SplitLabels, WorkerOutcome, compute, labelled_metrics
 from .plugins import Registry
-from .store import RunScores, RunStore, canonical_json
+from .store import Lease, RunScores, RunStore, canonical_json
 from .suite import RunSpec, Suite
 
 log = logging.getLogger("dabench")
@@ -49,15 +60,47 @@ class RunResult:
     source_acc: float | None = None
     scores: dict[str, float | None] = field(default_factory=dict)
     wall_time_s: float = 0.0
-    peak_mem_mb: float | None = None
+    #: peak resident memory the run added above its worker's RSS at its start (MiB)
+    rss_peak_mb: float | None = None
+    #: peak of torch's CUDA allocator during the run (MiB; None on CPU)
+    gpu_peak_mb: float | None = None
     device: str | None = None  # where it ran (None: the runner's device)
+    #: what else determines the result: the torch intra-op threads the run
+    #: had (BLAS/OpenMP pools are capped at the same count by the executors)
+    #: and the torch version
+    threads: int | None = None
+    torch_version: str | None = None
     #: the pair's data is missing or fails its checks (a DataError): the run
     #: is reported but not stored, so that it runs once the data is there
     data_error: bool = False
+    #: the run failed for a reason of the host (not of the method): it is
+    #: stored as failed, and ``dabench run`` exits non-zero
+    host_error: bool = False
     #: the shared source model the run used (methods requiring "source_model")
     source_model: Any = None  # dabench.source_model.SourceModelInfo
     #: health signals the method recorded (dabench.diagnostics)
     diagnostics: dict[str, float | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A run this invocation did not compute: another invocation stored it
+    meanwhile (``state == "done"``) or is computing it (``"held"``)."""
+
+    spec: RunSpec
+    state: str
+    lease: Lease | None = None
+
+
+@dataclass
+class Prepared:
+    """A run ready for a worker: the request, the split's worker-side inputs,
+    and the labels the driver keeps to score the result."""
+
+    spec: RunSpec
+    request: RunRequest
+    inputs: SplitInputs
+    labels: SplitLabels
 
 
 @dataclass
@@ -68,43 +111,19 @@ class Summary:
     ok: int = 0
     failed: int = 0
     skipped: int = 0
-    lost: int = 0  # runs whose worker died: not stored, a rerun computes them
     no_data: int = 0  # runs whose data is missing: not stored (see ``missing_data``)
+    #: failed runs whose failure lies with the host, not the method (see ``RunResult.host_error``)
+    host_errors: int = 0
+    #: runs retried once after they crashed their worker
+    retried: int = 0
+    #: runs another invocation on the same store stored or computed meanwhile
+    by_others: int = 0
     #: shared source models trained by this sweep / reused from the cache (distinct keys)
     source_models_trained: set[str] = field(default_factory=set)
     source_models_reused: set[str] = field(default_factory=set)
     #: the distinct data errors, each with the pairs it stopped
     missing_data: dict[str, list[str]] = field(default_factory=dict)
     wall_time_s: float = 0.0
-
-
-# ---------------------------------------------------------------- memory
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter of this process (Linux)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb() -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    except Exception:
-        return None
 
 
 # ---------------------------------------------------------------- evaluation
@@ -126,9 +145,18 @@ def _checked_proba(predictor: Any, X: np.ndarray, domain: str, n_classes: int) -
 
 
 def macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
-    from sklearn.metrics import f1_score
-
-    return float(f1_score(y, pred, labels=list(range(n_classes)), average="macro", zero_division=0))
+    """Macro-averaged F1 over classes ``0 .. n_classes-1``, as scikit-learn's
+    ``f1_score(average="macro", zero_division=0)`` (``2 tp / (2 tp + fp + fn)``
+    per class, 0 where that is 0/0), in NumPy: the driver scores every run
+    and need not import scikit-learn for it."""
+    y = np.asarray(y, dtype=np.int64)
+    pred = np.asarray(pred, dtype=np.int64)
+    both = np.bincount(y[y == pred], minlength=n_classes)[:n_classes].astype(np.float64)  # tp
+    fp = np.bincount(pred, minlength=n_classes)[:n_classes] - both
+    fn = np.bincount(y, minlength=n_classes)[:n_classes] - both
+    den = 2 * both + fp + fn
+    f1 = np.divide(2 * both, den, out=np.zeros(n_classes), where=den > 0)
+    return float(f1.mean())
 
 
 #: How many target-train points' predicted classes are stored per run (in
@@ -171,7 +199,7 @@ def label_free_extras(predictor: Any, task: Task, n_classes: int) -> dict[str, f
     return extras
 
 
-def labelled_extras(split: PairSplit, target_pred: np.ndarray) -> dict[str, float | str]:
+def labelled_extras(labels: SplitLabels, target_pred: np.ndarray) -> dict[str, float | str]:
     """Per-run statistics the host computes with the labels it keeps, for the
     labelled verdicts (never for the label-free warning): which target test
     points the run got right (``target_correct``, :func:`dabench.verdicts.encode_bits`,
@@ -179,16 +207,17 @@ def labelled_extras(split: PairSplit, target_pred: np.ndarray) -> dict[str, floa
     accuracy of always predicting the majority class of the source and target
     test splits (``source_chance``, ``target_chance``) and their sizes
     (``source_n``, ``target_n``), against which a failed training is
-    recognised (:mod:`dabench.health`)."""
+    recognised (:mod:`dabench.health`).  Computed in the driver, which holds
+    the labels (``labels``: :class:`~dabench.isolation.SplitLabels`)."""
     from .source_model import chance_level
     from .verdicts import encode_bits
 
     return {
-        "target_correct": encode_bits(np.asarray(target_pred) == split.target_test.y),
-        "source_chance": chance_level(split.source_test.y, split.n_classes),
-        "target_chance": chance_level(split.target_test.y, split.n_classes),
-        "source_n": float(len(split.source_test.y)),
-        "target_n": float(len(split.target_test.y)),
+        "target_correct": encode_bits(np.asarray(target_pred) == labels.target_test),
+        "source_chance": chance_level(labels.source_test, labels.n_classes),
+        "target_chance": chance_level(labels.target_test, labels.n_classes),
+        "source_n": float(len(labels.source_test)),
+        "target_n": float(len(labels.target_test)),
     }
 
 
@@ -234,43 +263,103 @@ class _MemoPredictor:
         return getattr(self._inner, name)
 
 
-def evaluate(predictor: Any, split: PairSplit, task: Task, validators: dict[str, Any]) -> tuple[dict, RunScores]:
-    """Target/source metrics (with the host's labels) and the validator
-    scores; the scores carry the run's label-free extras
-    (:func:`label_free_extras`) to the store."""
-    predictor = _MemoPredictor(predictor)
-    pt = _checked_proba(predictor, split.target_test.X, "target", split.n_classes)
-    yhat = pt.argmax(1)
-    metrics = {
-        "target_acc": float((yhat == split.target_test.y).mean()),
-        "target_f1": macro_f1(split.target_test.y, yhat, split.n_classes),
-    }
-    try:
-        ps = _checked_proba(predictor, split.source_test.X, "source", split.n_classes)
-        metrics["source_acc"] = float((ps.argmax(1) == split.source_test.y).mean())
-    except ValueError:
-        # On a heterogeneous pair a target-only model (target-oracle,
-        # target-only-k) has no source encoder: no source accuracy to report.
-        if split.same_feature_space:
-            raise
-        metrics["source_acc"] = None
-    no_source = metrics["source_acc"] is None
+def _score_validators(validators: dict[str, Any], predictor: Any, task: Task, where: str,
+                      quiet: bool = False) -> RunScores:
+    """Every validator's score of ``predictor`` on ``task`` (None where it
+    fails: a broken validator must not fail the run).  A validator that
+    needs data the task's track withholds (e.g. ``source-val`` on a
+    source-free run) has no score there, as expected: no warning."""
+    from .tracks import TrackViolation
+
     scores = RunScores()
     for name, v in sorted(validators.items()):
         try:
             s = float(v.score(predictor, task))
             scores[name] = s if math.isfinite(s) else None
-        except Exception as exc:  # a broken validator must not fail the run
-            # a target-only model on a heterogeneous pair has no source side: validators
-            # that need one have no score there, which is expected, not worth a warning
-            (log.debug if no_source else log.warning)("validator %s failed on %s: %s", name, split.name, exc)
+        except Exception as exc:
+            expected = quiet or isinstance(exc, TrackViolation)
+            (log.debug if expected else log.warning)("validator %s failed on %s: %s", name, where, exc)
             scores[name] = None
+    return scores
+
+
+def _rows(X: Any, idx: np.ndarray) -> Any:
+    """Rows ``idx`` of an array (a copy) or of a streamed domain (a sub-stream)."""
+    from .data.stream import is_stream
+
+    return X[idx] if is_stream(X) else np.asarray(X)[idx]
+
+
+def evaluate_stream_unlabelled(adapter: Any, stream: tuple[np.ndarray, np.ndarray], inputs: SplitInputs,
+                               task: Task, validators: dict[str, Any]
+                               ) -> tuple[np.ndarray, np.ndarray | None, RunScores]:
+    """What a worker computes after a test-time run, without any target
+    label: the classes the adapter predicted on the stream (``stream =
+    (proba, order)`` from :func:`dabench.tracks.run_stream`, rows in the
+    original order), the classes its state after the stream predicts on the
+    source test inputs when it offers ``predict_proba`` (forgetting; else
+    None), and the validator scores.  Validators see the stream
+    (:func:`dabench.tracks.validator_view`); the label-free extras are the
+    stream's predicted class distribution."""
+    from .tracks import StreamedPredictor, stream_order, validator_view
+
+    proba, order = stream
+    n = inputs.n_classes
+    target_pred = proba.argmax(1)
+    source_pred = None
+    if callable(getattr(adapter, "predict_proba", None)):
+        # in a seeded shuffled order like the stream: an adapter normalising with batch statistics
+        # would otherwise see the split's class-sorted rows in single-class chunks
+        perm = stream_order(len(inputs.eval_source), task.seed)
+        ps = _checked_proba(adapter, _rows(inputs.eval_source, perm), "source", n)
+        source_pred = np.empty(len(perm), dtype=np.int64)
+        source_pred[perm] = ps.argmax(1)
+    X_stream = _rows(inputs.eval_target, order)
+    vtask = validator_view(task, "test-time", stream_X=X_stream)
+    scores = _score_validators(validators, StreamedPredictor(X_stream, proba[order], adapter), vtask, inputs.name)
+    scores.extras = {f"prior_pred_{c}": float(v) for c, v in enumerate(proba.mean(0))}
+    return target_pred, source_pred, scores
+
+
+def evaluate_unlabelled(predictor: Any, inputs: SplitInputs, task: Task, validators: dict[str, Any],
+                        extras_task: Task | None = None) -> tuple[np.ndarray, np.ndarray | None, RunScores]:
+    """What a worker computes after ``fit``, without any target label: the
+    classes predicted on the target test and source test inputs (None for
+    the source side of a target-only model on a heterogeneous pair), and the
+    validator scores (validators see ``task``, the method's view) carrying
+    the run's label-free extras (:func:`label_free_extras`, computed on
+    ``extras_task``, default ``task``)."""
+    predictor = _MemoPredictor(predictor)
+    n = inputs.n_classes
+    target_pred = _checked_proba(predictor, inputs.eval_target, "target", n).argmax(1)
     try:
-        scores.extras = label_free_extras(predictor, task, split.n_classes)
+        source_pred: np.ndarray | None = _checked_proba(predictor, inputs.eval_source, "source", n).argmax(1)
+    except ValueError:
+        # On a heterogeneous pair a target-only model (target-oracle,
+        # target-only-k) has no source encoder: no source accuracy to report.
+        if inputs.same_feature_space:
+            raise
+        source_pred = None
+    no_source = source_pred is None
+    # a target-only model on a heterogeneous pair has no source side: validators
+    # that need one have no score there, which is expected, not worth a warning
+    scores = _score_validators(validators, predictor, task, inputs.name, quiet=no_source)
+    try:
+        scores.extras = label_free_extras(predictor, extras_task or task, n)
     except Exception as exc:  # statistics for the warning must not fail the run
-        (log.debug if no_source else log.warning)("label-free statistics failed on %s: %s", split.name, exc)
-    scores.extras.update(labelled_extras(split, yhat))
-    return metrics, scores
+        (log.debug if no_source else log.warning)("label-free statistics failed on %s: %s", inputs.name, exc)
+    return target_pred, source_pred, scores
+
+
+def evaluate(predictor: Any, split: PairSplit, task: Task, validators: dict[str, Any]) -> tuple[dict, RunScores]:
+    """Target/source metrics (with the host's labels) and the validator
+    scores, in this process: :func:`evaluate_unlabelled` then
+    :func:`~dabench.isolation.labelled_metrics`; the scores carry the
+    labelled extras too (:func:`labelled_extras`)."""
+    target_pred, source_pred, scores = evaluate_unlabelled(predictor, SplitInputs.of(split, ()), task, validators)
+    labels = SplitLabels.of(split)
+    scores.extras.update(labelled_extras(labels, target_pred))
+    return labelled_metrics(labels, target_pred, source_pred), scores
 
 
 # ---------------------------------------------------------------- runner
@@ -284,13 +373,17 @@ def _reason(exc: BaseException) -> str:
 
 
 class Runner:
-    """Runs a suite's specs against a registry and a store."""
+    """Runs a suite's specs against a registry and a store.
+
+    ``time_limit_s`` caps each run's wall time in a worker (default: the
+    suite's ``time_limit_s``, see :data:`dabench.suite.DEFAULT_TIME_LIMIT_S`)."""
 
     def __init__(self, registry: Registry, store: RunStore | None, device: str = "cpu",
                  data_root: str | Path | None = None,
                  on_event: Callable[..., None] | None = None,
                  plugins_dir: str | Path | None = None,
-                 source_model_dir: str | Path | None = None) -> None:
+                 source_model_dir: str | Path | None = None,
+                 time_limit_s: float | None = None) -> None:
         self.registry = registry
         self.store = store
         self.device = device
@@ -304,101 +397,134 @@ class Runner:
             source_model_dir = Path(store.folder) / "source-models"
         self.source_model_dir = Path(source_model_dir) if source_model_dir else None
         self.on_event = on_event or (lambda *a, **k: None)
-        self._split_cache: dict[tuple, PairSplit] = {}
+        self.time_limit_s = time_limit_s
+        #: splits kept in the driver (LRU); executors size it to their workers
+        self.split_cache_size = 2
+        self._split_cache: OrderedDict[tuple, tuple[PairSplit, SplitInputs, SplitLabels]] = OrderedDict()
         self._load = lru_cache(maxsize=16)(self._load_domain)
+        #: runs stored as failed before this time may be claimed again (``--retry-failed``)
+        self._retry_before: str | None = None
+        self._claiming = False
+        #: executors call it when a run crashed its worker and is retried once
+        self.on_retry: Callable[[RunSpec, str], None] = lambda spec, reason: None
 
     def _load_domain(self, spec: DomainSpec) -> tuple[np.ndarray, np.ndarray]:
         return check_domain_arrays(spec, *spec.load(self.data_root))
 
-    def split(self, spec: RunSpec) -> PairSplit:
-        key = (spec.pair.name, canonical_json(spec.pair.protocol.as_dict()), spec.seed,
-               canonical_json(spec.pair.fingerprints()))
-        if key not in self._split_cache:
-            self._split_cache.clear()  # runs are ordered by pair and seed: keep one
+    @staticmethod
+    def split_key(spec: RunSpec) -> tuple:
+        return (spec.pair.name, canonical_json(spec.pair.protocol.as_dict()), spec.seed,
+                canonical_json(spec.pair.fingerprints()))
+
+    def _cached(self, spec: RunSpec) -> tuple[PairSplit, SplitInputs, SplitLabels]:
+        key = self.split_key(spec)
+        hit = self._split_cache.get(key)
+        if hit is None:
             p = spec.pair
             s_spec, t_spec = p.domain(p.source, self.registry), p.domain(p.target, self.registry)
-            self._split_cache[key] = make_split(
+            split = make_split(
                 p.name, s_spec, t_spec, self._load(s_spec), self._load(t_spec), spec.seed, p.protocol,
             )
-        return self._split_cache[key]
+            hit = (split, SplitInputs.of(split, key), SplitLabels.of(split))
+            self._split_cache[key] = hit
+            while len(self._split_cache) > max(1, self.split_cache_size):
+                self._split_cache.popitem(last=False)
+        else:
+            self._split_cache.move_to_end(key)
+        return hit
 
-    def run_one(self, spec: RunSpec, device: str | None = None) -> RunResult:
-        """Compute one run on ``device`` (default: the runner's) and return
-        its result; never writes the store."""
-        from .training import seed_everything
+    def split(self, spec: RunSpec) -> PairSplit:
+        """The split of ``spec``'s pair and seed (held by the driver only)."""
+        return self._cached(spec)[0]
 
+    def prepare(self, spec: RunSpec, device: str | None = None) -> "Prepared | RunResult | Deferred":
+        """Driver side, before a run goes to a worker: claim it in the store
+        (when the runner has one and is running a sweep), build its split,
+        and return what the worker needs (:class:`Prepared`); or a finished
+        :class:`RunResult` when its data is missing or broken; or a
+        :class:`Deferred` when another invocation stored or holds it."""
         device = device or self.device
-        cls = self.registry.methods[spec.method]
+        if self._claiming and self.store is not None:
+            claim = self.store.claim(spec.key, self._retry_before)
+            if claim.state != "claimed":
+                return Deferred(spec, claim.state, claim.lease)
         t0 = time.perf_counter()
         try:
-            split = self.split(spec)
+            _, inputs, labels = self._cached(spec)
         except DataError as exc:  # missing/corrupt files: not the method's failure, not stored
+            self._release(spec)
             return RunResult(spec, "failed", str(exc), device=device, data_error=True)
         except Exception as exc:
             return RunResult(spec, "failed", f"data: {_reason(exc)}", wall_time_s=time.perf_counter() - t0,
                              device=device)
-        task = split.task(
-            seed=spec.seed, device=device, budget=spec.pair.budget,
-            backbone=self.registry.backbones[spec.backbone], oracle="oracle" in cls.requires,
-        )
-        reason = cls.skip(task)
-        if reason:
-            return RunResult(spec, "skipped", reason, device=device)
-        sm_info = None
-        if "source_model" in cls.requires:
-            from .source_model import attach_source_model, cache_identity
+        cls = self.registry.methods[spec.method]
+        oracle = None
+        if "oracle" in cls.requires:
+            oracle = np.array(self._cached(spec)[0].target_train.y)
+        request = RunRequest(spec, device, inputs.key, oracle,
+                             None if self.source_model_dir is None else str(self.source_model_dir))
+        return Prepared(spec, request, inputs, labels)
 
-            t_sm = time.perf_counter()
-            try:
-                recipe = spec.source_recipe or spec.pair.source_recipe.resolved(spec.pair.budget.steps,
-                                                                                spec.pair.budget.batch_size)
-                ident = cache_identity(pair=spec.pair.name, protocol=spec.pair.protocol.as_dict(),
-                                       fingerprints=spec.pair.fingerprints(), seed=spec.seed,
-                                       backbone=spec.backbone, shape=task.source_shape, n_classes=task.n_classes,
-                                       recipe=recipe, device=device)
-                task, sm_info = attach_source_model(task, recipe=recipe, identity=ident,
-                                                    cache_dir=self.source_model_dir)
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:
-                log.debug("source model for %s failed:\n%s", spec.key, traceback.format_exc())
-                return RunResult(spec, "failed", f"source model: {_reason(exc)}",
-                                 wall_time_s=time.perf_counter() - t_sm, device=device)
-        cuda = device.startswith("cuda")
-        _reset_peak_rss()
-        if cuda:
-            import torch
+    def _release(self, spec: RunSpec) -> None:
+        if self._claiming and self.store is not None:
+            self.store.release(spec.key)
 
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        from . import diagnostics
-
+    def finish(self, prepared: Prepared, outcome: WorkerOutcome, device: str | None = None) -> RunResult:
+        """Driver side, after the worker: score the predictions with the
+        labels only the driver holds."""
+        spec = prepared.spec
+        device = device or prepared.request.device
+        if outcome.status != "ok":
+            return RunResult(spec, outcome.status, outcome.reason, wall_time_s=outcome.wall_time_s,
+                             rss_peak_mb=outcome.rss_peak_mb, gpu_peak_mb=outcome.gpu_peak_mb, device=device,
+                             host_error=outcome.host_error, source_model=outcome.source_model,
+                             data_error=outcome.data_error, threads=outcome.threads,
+                             torch_version=outcome.torch_version)
         try:
-            seed_everything(spec.seed)
-            method = cls(**spec.params)
-            with diagnostics.collect() as diag:
-                predictor = method.fit(task)
-            wall = time.perf_counter() - t0
-            metrics, scores = evaluate(predictor, split, task, self.registry.validators)
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:
-            log.debug("run %s failed:\n%s", spec.key, traceback.format_exc())
-            return RunResult(spec, "failed", _reason(exc), wall_time_s=time.perf_counter() - t0,
-                             peak_mem_mb=_peak_rss_mb(), device=device, source_model=sm_info)
-        for name, value in diag.items():
-            scores.extras[f"diag_{name}"] = value
-        if sm_info is not None:
-            scores.extras["source_model"] = sm_info.key
-            if sm_info.source_val_acc is not None:
-                scores.extras["source_model_val_acc"] = sm_info.source_val_acc
-        peak = _peak_rss_mb()
-        if cuda:
-            import torch
+            m = labelled_metrics(prepared.labels, outcome.target_pred, outcome.source_pred)
+        except Exception as exc:  # predictions of the wrong shape
+            return RunResult(spec, "failed", _reason(exc), wall_time_s=outcome.wall_time_s, device=device,
+                             source_model=outcome.source_model)
+        scores = outcome.scores if outcome.scores is not None else RunScores()
+        try:
+            scores.extras.update(labelled_extras(prepared.labels, outcome.target_pred))
+        except Exception as exc:  # noqa: BLE001 - statistics for the verdicts must not fail the run
+            log.warning("labelled statistics failed on %s: %s", spec.key, exc)
+        return RunResult(spec, "ok", None, m["target_acc"], m["target_f1"], m["source_acc"],
+                         scores, outcome.wall_time_s,
+                         outcome.rss_peak_mb, outcome.gpu_peak_mb, device, source_model=outcome.source_model,
+                         diagnostics=dict(outcome.diagnostics or {}), threads=outcome.threads,
+                         torch_version=outcome.torch_version)
 
-            peak = torch.cuda.max_memory_allocated(device) / 2**20
-        return RunResult(spec, "ok", None, metrics["target_acc"], metrics["target_f1"], metrics.get("source_acc"),
-                         scores, wall, peak, device, source_model=sm_info, diagnostics=dict(diag))
+    def failure(self, spec: RunSpec, reason: str, device: str | None = None, *, wall_time_s: float = 0.0,
+                host_error: bool = False) -> RunResult:
+        """A failed result an executor reports for a run whose worker could
+        not return one (it crashed, was killed, or timed out)."""
+        return RunResult(spec, "failed", reason, wall_time_s=wall_time_s, device=device or self.device,
+                         host_error=host_error)
+
+    def run_one(self, spec: RunSpec, device: str | None = None) -> RunResult:
+        """Compute one run in *this* process on ``device`` (default: the
+        runner's) and return its result; never writes the store.
+
+        This process then holds the split's labels while ``fit`` runs: the
+        executors run fit in a worker instead (:mod:`dabench.isolation`)."""
+        device = device or self.device
+        prepared = self.prepare(spec, device)
+        if not isinstance(prepared, Prepared):
+            if isinstance(prepared, Deferred):  # pragma: no cover - run_one does not claim
+                raise RuntimeError(f"run {spec.key} is {prepared.state} by another invocation")
+            return prepared
+        outcome = compute(self.registry, prepared.request, prepared.inputs, catch_interrupt=False)
+        return self.finish(prepared, outcome, device)
+
+    def heartbeat(self) -> None:
+        """Keep this invocation's leases alive (executors call it while they wait)."""
+        if self._claiming and self.store is not None:
+            try:
+                self.store.renew()
+            except Exception as exc:  # noqa: BLE001 - a missed heartbeat is not fatal
+                log.debug("lease heartbeat failed: %s", exc)
 
     def record(self, r: RunResult, started: str) -> dict[str, Any]:
         s = r.spec
@@ -409,31 +535,41 @@ class Runner:
             "params": canonical_json(s.params), "point": s.point, "seed": s.seed,
             "protocol": canonical_json(s.pair.protocol.as_dict()),
             "budget": canonical_json({"steps": s.pair.budget.steps, "batch_size": s.pair.budget.batch_size}),
-            "backbone": s.backbone, "status": r.status, "reason": r.reason,
+            "backbone": s.backbone, "track": getattr(cls, "track", "uda"), "status": r.status, "reason": r.reason,
             "target_acc": r.target_acc, "target_f1": r.target_f1, "source_acc": r.source_acc,
-            "wall_time_s": r.wall_time_s, "peak_mem_mb": r.peak_mem_mb,
+            "wall_time_s": r.wall_time_s, "rss_peak_mb": r.rss_peak_mb, "gpu_peak_mb": r.gpu_peak_mb,
             "device": (r.device or self.device) if r.status == "ok" else None,
+            "threads": r.threads, "torch_version": r.torch_version,
             "started_at": started, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "dabench_version": __version__,
         }
 
-    def run(self, suite: Suite, retry_failed: bool = False, executor: Any = None) -> Summary:
+    def run(self, suite: Suite, retry_failed: bool = False, executor: Any = None,
+            wait_poll_s: float = 2.0) -> Summary:
         """Run every spec of ``suite`` not yet in the store (and the failed
-        ones with ``retry_failed``) on ``executor`` (default: serial), storing
-        each result the moment it comes back.
+        ones with ``retry_failed``) on ``executor`` (default: one worker
+        process, :class:`~dabench.executors.SerialExecutor`), storing each
+        result the moment it comes back.
+
+        Each run is claimed in the store right before it is computed; runs
+        another live invocation holds are waited for (polling every
+        ``wait_poll_s`` seconds) and taken over if their owner dies.
 
         Events sent to ``on_event``: ``start`` (total, todo, done, executor),
         ``run_start`` when a run is handed to a worker (index in dispatch
-        order, spec, device), ``run_end`` when its result is stored (index =
-        number of results so far - 1, result), ``run_lost`` when its worker
-        died (it is not stored), ``run_no_data`` when its pair's data is
-        missing or fails its checks (not stored; ``first`` is true the first
-        time this error is seen), ``end`` (summary).
+        order, spec, device), ``run_retry`` when a run crashed its worker and
+        is retried once (spec, reason), ``run_end`` when its result is stored
+        (index = number of results so far - 1, result), ``run_no_data`` when
+        its pair's data is missing or fails its checks (not stored; ``first``
+        is true the first time this error is seen), ``waiting`` when runs are
+        held by another invocation (n, owners), ``end`` (summary).
         """
-        from .executors import LostRun, SerialExecutor
+        from .executors import SerialExecutor
 
         if self.store is None:
             raise RuntimeError("Runner.run needs a store")
+        if self.time_limit_s is None:
+            self.time_limit_s = getattr(suite, "time_limit_s", None)
         executor = executor if executor is not None else SerialExecutor()
         specs = suite.expand(self.registry)
         status = self.store.statuses()
@@ -443,52 +579,104 @@ class Runner:
                       executor=executor)
         t_start = time.perf_counter()
         started: dict[str, str] = {}
+        self._retry_before = datetime.now(timezone.utc).isoformat(timespec="seconds") if retry_failed else None
+        self._claiming = True
+        n_results = 0
 
         def dispatched(spec: RunSpec, device: str) -> None:
             started[spec.key] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             self.on_event("run_start", index=len(started) - 1, todo=len(todo), spec=spec, device=device,
-                          elapsed=time.perf_counter() - t_start, completed=summary.ran + summary.lost + summary.no_data)
+                          elapsed=time.perf_counter() - t_start, completed=n_results)
 
-        for result in executor.map(self, todo, dispatched):
-            spec = result.spec
-            if isinstance(result, LostRun):
-                summary.lost += 1
-                log.warning("run %s lost (%s); it is not stored, rerun the sweep to compute it",
-                            spec.key[:12], result.reason)
-                self.on_event("run_lost", index=summary.ran + summary.lost + summary.no_data - 1, todo=len(todo), spec=spec,
-                              reason=result.reason, elapsed=time.perf_counter() - t_start)
-                continue
-            if result.data_error:
-                summary.no_data += 1
-                pairs = summary.missing_data.setdefault(result.reason or "", [])
-                first = not pairs
-                if spec.pair.name not in pairs:
-                    pairs.append(spec.pair.name)
-                self.on_event("run_no_data", index=summary.ran + summary.lost + summary.no_data - 1,
-                              todo=len(todo), spec=spec, reason=result.reason, first=first,
-                              elapsed=time.perf_counter() - t_start)
-                continue
-            rec = self.record(result, started.get(spec.key) or datetime.now(timezone.utc).isoformat(timespec="seconds"))
-            self.store.write(rec, result.scores)
-            sm = result.source_model
-            if sm is not None:
-                if sm.trained:
-                    self.store.add_source_model(sm, trained_by=spec.key)
-                    summary.source_models_trained.add(sm.key)
-                elif sm.key not in summary.source_models_trained:
-                    summary.source_models_reused.add(sm.key)
-            summary.ran += 1
-            setattr(summary, result.status, getattr(summary, result.status) + 1)
-            hook_rec = dict(rec, **{f"val_{k}": v for k, v in result.scores.items()})
+        def retried(spec: RunSpec, reason: str) -> None:
+            summary.retried += 1
+            log.info("run %s crashed its worker (%s); retrying it once on a fresh worker", spec.key[:12], reason)
+            self.on_event("run_retry", spec=spec, reason=reason, elapsed=time.perf_counter() - t_start)
+
+        self.on_retry = retried
+        try:
+            pending = list(todo)
+            while pending:
+                held: list[Deferred] = []
+                for result in executor.map(self, pending, dispatched):
+                    spec = result.spec
+                    if isinstance(result, Deferred):
+                        if result.state == "held":
+                            held.append(result)
+                        else:
+                            summary.by_others += 1
+                        continue
+                    if result.data_error:
+                        self._release(spec)  # not stored: a later invocation runs it once the data is there
+                        summary.no_data += 1
+                        n_results += 1
+                        pairs = summary.missing_data.setdefault(result.reason or "", [])
+                        first = not pairs
+                        if spec.pair.name not in pairs:
+                            pairs.append(spec.pair.name)
+                        self.on_event("run_no_data", index=n_results - 1, todo=len(todo), spec=spec,
+                                      reason=result.reason, first=first, elapsed=time.perf_counter() - t_start)
+                        continue
+                    rec = self.record(result, started.get(spec.key)
+                                      or datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                    if not self.store.write(rec, result.scores):
+                        summary.by_others += 1  # another invocation stored it first: theirs is kept
+                        continue
+                    sm = result.source_model
+                    if sm is not None:
+                        if sm.trained:
+                            self.store.add_source_model(sm, trained_by=spec.key)
+                            summary.source_models_trained.add(sm.key)
+                        elif sm.key not in summary.source_models_trained:
+                            summary.source_models_reused.add(sm.key)
+                    summary.ran += 1
+                    n_results += 1
+                    setattr(summary, result.status, getattr(summary, result.status) + 1)
+                    if result.host_error:
+                        summary.host_errors += 1
+                    hook_rec = dict(rec, **{f"val_{k}": v for k, v in result.scores.items()})
+                    try:
+                        self.registry.pm.hook.dabench_run_finished(record=hook_rec) if self.registry.pm else None
+                    except KeyboardInterrupt:
+                        raise
+                    except BaseException as exc:  # noqa: BLE001 - a logger plugin must not stop the sweep
+                        log.warning("a dabench_run_finished hook failed (ignored): %s", _reason(exc))
+                    self.on_event("run_end", index=n_results - 1, todo=len(todo), spec=spec,
+                                  result=result, elapsed=time.perf_counter() - t_start)
+                pending = self._wait_for(held, wait_poll_s, summary)
+        finally:
+            self._claiming = False
             try:
-                self.registry.pm.hook.dabench_run_finished(record=hook_rec) if self.registry.pm else None
-            except Exception as exc:
-                log.warning("a dabench_run_finished hook failed (ignored): %s", _reason(exc))
-            self.on_event("run_end", index=summary.ran + summary.lost + summary.no_data - 1, todo=len(todo), spec=spec,
-                          result=result, elapsed=time.perf_counter() - t_start)
+                self.store.release_all()
+            except Exception as exc:  # noqa: BLE001 - leases of a dead owner expire anyway
+                log.debug("could not release leases: %s", exc)
         summary.wall_time_s = time.perf_counter() - t_start
         self.on_event("end", summary=summary)
         return summary
+
+    def _wait_for(self, held: list[Deferred], poll_s: float, summary: Summary) -> list[RunSpec]:
+        """Wait until each run another invocation holds is stored (by it) or
+        its lease is abandoned; return the abandoned ones (claimed now), to
+        compute here."""
+        if not held:
+            return []
+        owners = sorted({d.lease.describe() for d in held if d.lease is not None})
+        self.on_event("waiting", n=len(held), owners=owners)
+        waiting, free = list(held), []
+        while True:
+            still = []
+            for d in waiting:
+                c = self.store.claim(d.spec.key, self._retry_before)
+                if c.state == "done":
+                    summary.by_others += 1
+                elif c.state == "claimed":
+                    free.append(d.spec)
+                else:
+                    still.append(d)
+            if not still:
+                return free
+            waiting = still
+            time.sleep(poll_s)
 
 
 def host_info() -> str:

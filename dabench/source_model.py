@@ -66,17 +66,27 @@ class SourceRecipe:
     batch_size: int | None = None
     lr: float = 0.01
     weight_decay: float = 5e-4
+    #: learning rate of a *pretrained* backbone relative to the classifier's
+    #: (TLlib: 0.1; :func:`dabench.training.backbone_param_groups`); a
+    #: backbone trained from scratch learns at the classifier's rate
+    backbone_lr_mult: float = 0.1
 
     def resolved(self, steps: int, batch_size: int) -> dict[str, Any]:
         """The recipe as recorded in run keys and cache keys, with the pair's
-        budget filled in where the suite did not set it."""
-        return {
+        budget filled in where the suite did not set it.  ``backbone_lr_mult``
+        appears only when it is not the default 0.1, so keys written before
+        it existed stay valid (the default is what those runs used: it only
+        acts on pretrained backbones, which they did not have)."""
+        d = {
             "version": RECIPE_VERSION,
             "steps": int(self.steps if self.steps is not None else steps),
             "batch_size": int(self.batch_size if self.batch_size is not None else batch_size),
             "lr": float(self.lr),
             "weight_decay": float(self.weight_decay),
         }
+        if self.backbone_lr_mult != 0.1:
+            d["backbone_lr_mult"] = float(self.backbone_lr_mult)
+        return d
 
 
 class SourceModel:
@@ -264,7 +274,8 @@ def train_source_model(task: Task, recipe: dict[str, Any]) -> tuple[dict, float 
     classifier = nn.Linear(dim, task.n_classes)
     fit_supervised(encoder, classifier, task.source_train.X, task.source_train.y,
                    steps=recipe["steps"], batch_size=recipe["batch_size"], lr=recipe["lr"],
-                   weight_decay=recipe["weight_decay"], device=device, seed=stream_seed(task.seed, 1))
+                   weight_decay=recipe["weight_decay"], device=device, seed=stream_seed(task.seed, 1),
+                   backbone_lr_mult=recipe.get("backbone_lr_mult", 0.1))
     acc = None
     if len(task.source_val):
         p = TorchPredictor(encoder, classifier, device).predict_proba(task.source_val.X, "source")

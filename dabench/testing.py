@@ -35,9 +35,13 @@ budget (a few seconds in all):
   probabilities (the host seeds Python, NumPy and torch with ``task.seed``
   before ``fit``, exactly as the runner does).
 - ``check_no_target_labels``: the task holds no target test labels, and
-  while ``fit`` runs the labels the host keeps (target test labels, and
-  target train labels for non-oracle methods) are *guard objects* that
-  record and refuse any access.
+  the kit holds no real target labels at all: its tiny splits keep *guard
+  objects* in their place (target test labels, and target train labels for
+  non-oracle methods) that record and refuse any access.  The guards catch
+  *accidental* use (a method reading the wrong split, a helper that walks
+  into the host's objects); they are not a sandbox.  Plugins are trusted
+  code: a method determined to cheat can reload a public dataset itself,
+  which is what the leaderboard's suspicion flag is for.
 - ``check_failure_is_stored``: when ``fit`` fails (the kit makes reading the
   task's data raise), the host's Runner stores a ``failed`` run with the
   reason and the sweep goes on; the method must not swallow the error or
@@ -46,11 +50,26 @@ budget (a few seconds in all):
   module reachable from the predictor is on the CPU and outputs are NumPy.
 - ``check_cuda_placement``: the same on ``cuda`` (skipped, with the reason,
   when torch sees no GPU).
+- ``check_track``: the method's track holds (:mod:`dabench.tracks`).  For a
+  ``source-free`` method: its task holds no source data and ``fit`` never
+  reached for a withheld field; for a ``test-time`` method: its task holds
+  neither source data nor the target train split, ``fit`` returns an
+  adapter with ``predict_batch``, every batch of the seeded target test
+  stream gets valid probabilities, and the predictions of the first half
+  of the stream do not change when the second half is replaced by other
+  inputs (online: nothing is predicted from batches not yet seen).  A
+  ``uda`` method passes trivially.
+
+For a ``test-time`` method, "fit" in the checks above means ``fit`` and then
+the host's stream over the tiny task's target test inputs
+(:func:`dabench.tracks.run_stream`); its outputs are the stream's
+predictions.
 
 Fits run single-threaded (``torch.set_num_threads(1)`` for the duration of
 a check: tiny models run several times faster than on a contended thread
 pool).  The tiny task is the first of :data:`TINY_TASKS` that the method does not
-``skip``: moons, moons with ``k_target = 2`` (methods needing labelled
+``skip``: moons, moons on the ``mlp-bn`` backbone (methods adapting batch
+normalisation), moons with ``k_target = 2`` (methods needing labelled
 target samples), then digits→mnist in native feature spaces (heterogeneous
 methods), with and without ``k_target``.
 """
@@ -135,10 +154,13 @@ class TinyTask:
     max_target: int = 300
     steps: int = 20
     batch_size: int = 16
+    backbone: str = "default"
 
     @property
     def label(self) -> str:
         extra = []
+        if self.backbone != "default":
+            extra.append(f"backbone={self.backbone}")
         if self.k_target:
             extra.append(f"k_target={self.k_target}")
         if self.feature_space != "shared":
@@ -155,6 +177,7 @@ class TinyTask:
 #: Candidate tiny tasks, in order; the kit uses the first one the method accepts.
 TINY_TASKS: tuple[TinyTask, ...] = (
     TinyTask("moons:moons-rot35"),
+    TinyTask("moons:moons-rot35", backbone="mlp-bn"),
     TinyTask("moons:moons-rot35", k_target=2),
     TinyTask("digits:mnist", feature_space="native", max_source=200, max_target=200, steps=10),
     TinyTask("digits:mnist", k_target=2, feature_space="native", max_source=200, max_target=200, steps=10),
@@ -179,8 +202,7 @@ def _kit_registry():
     return build_registry(pm)
 
 
-@functools.lru_cache(maxsize=8)
-def _split(tiny: TinyTask, seed: int):
+def _make_split(tiny: TinyTask, seed: int):
     reg = _kit_registry()
     s, t = tiny.pair.split(":")
     from .data.core import check_domain_arrays, make_split
@@ -190,16 +212,42 @@ def _split(tiny: TinyTask, seed: int):
                       check_domain_arrays(tgt, *tgt.load(None)), seed=seed, protocol=tiny.protocol())
 
 
+@functools.lru_cache(maxsize=8)
+def _split(tiny: TinyTask, seed: int):
+    """The tiny split as the kit keeps it: its target labels (test, and train)
+    are guards, so no real target label is in the process while fits run."""
+    raw = _make_split(tiny, seed)
+    return dataclasses.replace(
+        raw,
+        target_test=_guarded(raw.target_test, "target test labels", _ACCESSES),
+        target_train=_guarded(raw.target_train, "target train labels", _ACCESSES),
+    )
+
+
+def _oracle_labels(tiny: TinyTask, seed: int) -> np.ndarray:
+    """Target *train* labels for a method declaring ``oracle`` (made on
+    demand, never kept)."""
+    return np.array(_make_split(tiny, seed).target_train.y)
+
+
 def _task(cls: type[Method], tiny: TinyTask, seed: int = 0, device: str = "cpu",
-          source_model: bool = True) -> Task:
+          source_model: bool = True, log: list[str] | None = None) -> Task:
+    """The task ``cls`` sees on ``tiny``, built as the Runner builds it: the
+    host's task, the source model attached, then the view of the method's
+    track (whose withheld fields record accesses into ``log``)."""
+    from .tracks import task_for_track
+
     split = _split(tiny, seed)
+    track = getattr(cls, "track", "uda")
     task = split.task(seed=seed, device=device, budget=Budget(tiny.steps, tiny.batch_size),
-                      backbone=_kit_registry().backbones["default"], oracle="oracle" in cls.requires)
-    if source_model and "source_model" in cls.requires and cls.skip(task) is None:
+                      backbone=_kit_registry().backbones[tiny.backbone], oracle=False)
+    if "oracle" in cls.requires:
+        task = dataclasses.replace(task, target_train_labels=_oracle_labels(tiny, seed))
+    if source_model and "source_model" in cls.requires and cls.skip(task_for_track(task, track)[0]) is None:
         from .source_model import with_source_model
 
         task = with_source_model(task)  # as the host hands it: trained on the source, a fresh copy
-    return task
+    return task_for_track(task, track, log)[0]
 
 
 def choose_task(cls: type[Method]) -> TinyTask:
@@ -280,6 +328,8 @@ def _guarded(lab: Labeled, what: str, log: list[str]) -> Labeled:
 # Kept at module level while a fit runs, so the guards are where a cheating
 # method would look (gc, frames, module globals).
 _GUARDED_SPLITS: list[Any] = []
+#: every recorded access to a guard (a fit reads the entries added while it ran)
+_ACCESSES: list[str] = []
 
 
 @dataclass
@@ -290,29 +340,39 @@ class _Fit:
     error: BaseException | None = None
     trace: str = ""
     accesses: list[str] = field(default_factory=list)
+    #: what the method reached for that its track withholds (dabench.tracks.Withheld)
+    withheld: list[str] = field(default_factory=list)
+    #: test-time methods: the stream's predictions (rows in target test order) and order
+    stream: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def _is_test_time(cls: type[Method]) -> bool:
+    return getattr(cls, "track", "uda") == "test-time"
 
 
 def _fit(cls: type[Method], tiny: TinyTask, seed: int = 0, device: str = "cpu",
-         params: dict | None = None) -> _Fit:
-    """Fit like the Runner does (seed everything, then ``fit``) with the
-    host's labels guarded."""
+         params: dict | None = None, stream_X: np.ndarray | None = None) -> _Fit:
+    """Fit like the Runner does (seed everything, then ``fit``; for a
+    test-time method, then the host's stream over the target test inputs,
+    or over ``stream_X``) with the host's labels guarded."""
     from .training import seed_everything
 
     out = _Fit(tiny=tiny)
-    split = _split(tiny, seed)
-    task = _task(cls, tiny, seed, device)
+    guarded = _split(tiny, seed)  # its target labels are guards
+    task = _task(cls, tiny, seed, device, log=out.withheld)
     out.task = task
-    oracle = "oracle" in cls.requires
-    guarded = dataclasses.replace(
-        split,
-        target_test=_guarded(split.target_test, "target test labels", out.accesses),
-        target_train=split.target_train if oracle else _guarded(split.target_train, "target train labels", out.accesses),
-    )
     _GUARDED_SPLITS.append(guarded)
+    start = len(_ACCESSES)
     try:
         seed_everything(seed)
         method = cls(**(params or {}))
         out.predictor = method.fit(task)
+        if _is_test_time(cls):
+            from .tracks import run_stream
+
+            X = guarded.target_test.X if stream_X is None else stream_X
+            out.stream = run_stream(out.predictor, X, seed=seed, batch_size=tiny.batch_size,
+                                    n_classes=split.n_classes)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - reported as a check failure
@@ -320,6 +380,8 @@ def _fit(cls: type[Method], tiny: TinyTask, seed: int = 0, device: str = "cpu",
         out.trace = traceback.format_exc()
     finally:
         _GUARDED_SPLITS.remove(guarded)
+        out.accesses = _ACCESSES[start:]
+        del _ACCESSES[start:]
     return out
 
 
@@ -517,6 +579,14 @@ def check_fit_predict(cls: type[Method], ctx: _Context) -> str:
                           + textwrap.indent(_short_trace(f.trace), "    "))
     split = _split(ctx.tiny, 0)
     n = split.n_classes
+    if _is_test_time(cls):
+        # run_stream checked every batch's probabilities as the host does
+        n_batches = -(-len(split.target_test) // ctx.tiny.batch_size)
+        msg = f"{ctx.tiny.label}: {n_batches} stream batches, probabilities valid"
+        if callable(getattr(f.predictor, "predict_proba", None)):
+            _check_outputs(f.predictor, split.source_test.X, "source", n, "source test inputs (after the stream)")
+            msg += "; the adapted model's source probabilities and embeddings valid"
+        return msg
     _check_outputs(f.predictor, split.target_test.X, "target", n, "target test inputs")
     domains = "target"
     if _source_applicable(cls, f.task):
@@ -533,7 +603,10 @@ def check_determinism(cls: type[Method], ctx: _Context) -> str:
         raise CheckFailed(f"a second fit with the same seed raised {_exc_line(b.error)}; fit must not keep state "
                           "between calls")
     X = _split(ctx.tiny, 0).target_test.X
-    pa, pb = a.predictor.predict_proba(X, domain="target"), b.predictor.predict_proba(X, domain="target")
+    if _is_test_time(cls):
+        pa, pb = a.stream[0], b.stream[0]
+    else:
+        pa, pb = a.predictor.predict_proba(X, domain="target"), b.predictor.predict_proba(X, domain="target")
     if not np.array_equal(np.asarray(pa), np.asarray(pb)):
         diff = float(np.abs(np.asarray(pa, dtype=np.float64) - np.asarray(pb, dtype=np.float64)).max())
         raise CheckFailed(f"two fits with seed 0 on CPU differ (max |dp| = {diff:.3g}); derive every random "
@@ -581,7 +654,7 @@ def check_no_target_labels(cls: type[Method], ctx: _Context) -> str:
     f = _cached_fit(cls, ctx)
     split = _split(ctx.tiny, 0)
     for o in _reachable(f.task).values():
-        if o is split.target_test or o is split.target_test.y:
+        if o is split.target_test or o is split.target_test.y or isinstance(o, _LabelGuard):
             raise CheckFailed("the task reaches the host's target test labels (a host bug, not yours): report it")
     if f.accesses:
         raise CheckFailed(f"fit touched {sorted(set(f.accesses))}; a method may use only the Task it is given "
@@ -620,6 +693,8 @@ def check_failure_is_stored(cls: type[Method], ctx: _Context) -> str:
     from .store import RunStore
     from .suite import parse_suite
 
+    escaped: list[BaseException] = []
+
     class Failing(cls):  # type: ignore[misc, valid-type]
         def fit(self, task: Task) -> Any:
             poisoned = dataclasses.replace(
@@ -629,7 +704,15 @@ def check_failure_is_stored(cls: type[Method], ctx: _Context) -> str:
                 target_train_labels=None if task.target_train_labels is None else _Poison("target_train_labels"),
                 source_model=None if task.source_model is None else _Poison("source_model"),
             )
-            return super().fit(poisoned)
+            try:
+                return super().fit(poisoned)
+            except KeyboardInterrupt:
+                raise
+            except Exception:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - SystemExit & co.: noted, then handled by the host
+                escaped.append(exc)
+                raise
 
     Failing.__name__ = cls.__name__
     kit = _kit_registry()
@@ -640,6 +723,7 @@ def check_failure_is_stored(cls: type[Method], ctx: _Context) -> str:
         name = "kit"
         seeds = 2
         pairs = ["{t.pair}"]
+        backbone = "{t.backbone}"
         [protocol]
         k_target = {t.k_target}
         feature_space = "{t.feature_space}"
@@ -650,13 +734,16 @@ def check_failure_is_stored(cls: type[Method], ctx: _Context) -> str:
         batch_size = {t.batch_size}
         [methods.{cls.name}]
         """)
+    from .executors import InProcessExecutor
+
     with tempfile.TemporaryDirectory(prefix="dabench-kit-") as tmp:
         path = Path(tmp) / "kit.toml"
         path.write_text(suite_text, encoding="utf-8")
         suite = parse_suite(path, reg)
         store = RunStore(Path(tmp) / "res")
         try:
-            summary = Runner(reg, store, device="cpu").run(suite)
+            # the Failing subclass lives in this process only: run it here
+            summary = Runner(reg, store, device="cpu").run(suite, executor=InProcessExecutor())
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: BLE001
@@ -675,6 +762,10 @@ def check_failure_is_stored(cls: type[Method], ctx: _Context) -> str:
         raise CheckFailed(f"expected both runs stored as failed, got {statuses}")
     if not all(r["reason"] for r in rows):
         raise CheckFailed("a failed run was stored without a reason")
+    if escaped:
+        raise CheckFailed(f"fit raised {_exc_line(escaped[0])} when reading the task's data raised; dabench stores "
+                          f"the run as failed, but a caller using the method outside dabench loses its whole "
+                          f"program: raise an Exception subclass (e.g. RuntimeError) instead")
     return f"both failing runs stored as failed ({rows[0]['reason'][:60]}...)"
 
 
@@ -704,7 +795,10 @@ def _check_placement(cls: type[Method], ctx: _Context, device: str) -> str:
                           "put every module and tensor on dabench.training.resolve_device(task.device), "
                           "never hard-code .cuda() or 'cpu'")
     split = _split(ctx.tiny, 0)
-    p = f.predictor.predict_proba(split.target_test.X[:8], domain="target")
+    if _is_test_time(cls):  # one more batch through the adapter (the cached fit's stream is already recorded)
+        p = f.predictor.predict_batch(np.array(split.target_test.X[:8], copy=True))
+    else:
+        p = f.predictor.predict_proba(split.target_test.X[:8], domain="target")
     if not isinstance(p, np.ndarray):
         raise CheckFailed(f"predict_proba returned {type(p).__name__} on {device}; return NumPy arrays")
     return f"{len(tensors)} tensors in {len(modules)} modules, all on {want}"
@@ -725,6 +819,56 @@ def check_cuda_placement(cls: type[Method], ctx: _Context) -> str:
     return _check_placement(cls, ctx, "cuda")
 
 
+def check_track(cls: type[Method], ctx: _Context) -> str:
+    """The method's track holds: it never sees, nor reaches for, what its track withholds."""
+    from .contract import TRACKS
+    from .tracks import TrackViolation
+
+    track = getattr(cls, "track", "uda")
+    if track == "uda":
+        return "uda: labelled source + unlabelled target train (nothing withheld)"
+    f = _cached_fit(cls, ctx)
+    split = _split(ctx.tiny, 0)
+    held = [split.source_train, split.source_val, split.source_test]
+    if track == "test-time":
+        held += [split.target_train, split.target_test]
+    forbidden = {id(o) for lab in held for o in (lab, lab.X, lab.y)}
+    for o in _reachable(f.task).values():
+        if id(o) in forbidden:
+            raise CheckFailed(f"the {track} task reaches data the track withholds (a host bug, not yours): report it")
+    if f.withheld:
+        raise CheckFailed(f"fit reached for {sorted(set(f.withheld))}, which the {track} track withholds "
+                          f"({TRACKS[track]}); use only task.source_model"
+                          + ("" if track == "test-time" else " and task.target_train"))
+    if isinstance(f.error, TrackViolation):
+        raise CheckFailed(str(f.error))
+    if f.error is not None:
+        raise CheckFailed(f"fit failed ({_exc_line(f.error)}), so the track could not be checked; fix fit first")
+    if track == "source-free":
+        return "source-free: no source data in the task, none reached for"
+    # online: the first half of the stream is predicted the same whatever comes after it
+    X = np.asarray(split.target_test.X)
+    order = f.stream[1]
+    bs = ctx.tiny.batch_size
+    n_batches = -(-len(X) // bs)
+    if n_batches < 2:
+        raise CheckSkipped(f"the tiny task's stream has {n_batches} batch: nothing to check online behaviour on")
+    head = order[: (n_batches // 2) * bs]
+    tail = order[len(head):]
+    other = np.array(X, copy=True)
+    donor = np.asarray(split.target_train.X)
+    other[tail] = donor[np.arange(len(tail)) % len(donor)]
+    g = _fit(cls, ctx.tiny, stream_X=other)
+    if g.error is not None:
+        raise CheckFailed(f"a second fit and stream with the same seed raised {_exc_line(g.error)}")
+    if not np.array_equal(f.stream[0][head], g.stream[0][head]):
+        raise CheckFailed("the predictions for the first half of the test stream changed when the second half was "
+                          "replaced by other inputs: a test-time method may use only the batches delivered so far "
+                          "(predict each batch in predict_batch, before or while adapting on it)")
+    return (f"test-time: no source data or target train split in the task, none reached for; {n_batches} stream "
+            f"batches; the first {n_batches // 2} are predicted the same whatever follows them")
+
+
 #: Every check, in the order they run: ``(name, function)``.
 CHECKS: tuple[tuple[str, Callable[[type[Method], _Context], str]], ...] = (
     ("check_registration", check_registration),
@@ -735,6 +879,7 @@ CHECKS: tuple[tuple[str, Callable[[type[Method], _Context], str]], ...] = (
     ("check_failure_is_stored", check_failure_is_stored),
     ("check_cpu_placement", check_cpu_placement),
     ("check_cuda_placement", check_cuda_placement),
+    ("check_track", check_track),
 )
 
 

@@ -36,14 +36,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from .contract import BACKBONE_LR_MULT as _BACKBONE_LR_MULT
+
 __all__ = [
+    "BACKBONE_LR_MULT",
     "Batch",
     "CHECK_EVERY",
     "DivergedError",
     "GradReverse",
     "TensorBatches",
     "TorchPredictor",
+    "amp_context",
     "annealed_lr",
+    "backbone_param_groups",
     "check_finite",
     "fit_supervised",
     "grad_reverse",
@@ -143,7 +148,8 @@ def _to_tensor(a: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor
 
 
 class TensorBatches:
-    """Shuffled minibatches of a dataset held on ``device`` as tensors.
+    """Shuffled minibatches of a dataset held on ``device`` as tensors, or
+    decoded batch by batch from a streamed image domain.
 
     The data is copied to the device once.  Each epoch is a fresh permutation
     drawn from a CPU :class:`torch.Generator` seeded with ``seed``, so the
@@ -159,6 +165,21 @@ class TensorBatches:
     - ``epoch()`` yields one pass over all rows (the last batch may be short).
 
     ``batch_size`` larger than the dataset is clamped to its size.
+
+    **Streamed domains.**  When ``X`` is a streamed image domain
+    (:class:`dabench.data.stream.ImageStream`, e.g. an image folder or the
+    Office/VisDA images end to end), the same calls yield the same
+    :class:`Batch` objects, in the same order for a seed: ``b.x`` holds the
+    batch's images decoded by loader worker processes (pinned memory and
+    prefetch on CUDA), float32 in [0, 1] and flattened like a Task's arrays;
+    ``y``, ``w`` and ``index`` are as for arrays (the order differs only when
+    ``epoch()`` is interleaved with ``next()``: a stream draws ``next()``'s
+    permutations ahead, as its loader prefetches).  With ``augment=True``
+    (default) the images get the training transform the suite's protocol
+    names (``augment``: random resized crop + flip, ...), seeded per sample;
+    ``augment=False`` gives the deterministic test transform (e.g. for a
+    pass that pseudo-labels the data).  ``batches.X`` is then the stream,
+    not a tensor.  Arrays are never augmented.
     """
 
     def __init__(
@@ -171,10 +192,14 @@ class TensorBatches:
         device: str | torch.device = "cpu",
         seed: int = 0,
         drop_last: bool = True,
+        augment: bool = True,
     ) -> None:
+        from .data.stream import is_stream
+
         device = torch.device(device)
-        self.X = _to_tensor(X, torch.float32, device)
-        self.n = int(self.X.shape[0])
+        self.streamed = is_stream(X)
+        self.X = X if self.streamed else _to_tensor(X, torch.float32, device)
+        self.n = int(len(X) if self.streamed else self.X.shape[0])
         if self.n == 0:
             raise ValueError("TensorBatches needs at least one sample")
         self.y = None if y is None else _to_tensor(y, torch.long, device)
@@ -191,6 +216,10 @@ class TensorBatches:
         self._perm: torch.Tensor | None = None
         self._pos = 0
         self.epochs = 0  #: permutations drawn so far
+        #: the training transform of a streamed domain ("none" for arrays)
+        self.augment = self.X.augment if self.streamed and augment else "none"
+        self._aug_rng = np.random.default_rng(np.random.SeedSequence([int(seed) % 2**63, 0xA06]))
+        self._stream_it: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -200,7 +229,8 @@ class TensorBatches:
 
     def _new_perm(self) -> torch.Tensor:
         self.epochs += 1
-        return torch.randperm(self.n, generator=self._gen).to(self.device)
+        perm = torch.randperm(self.n, generator=self._gen)
+        return perm if self.streamed else perm.to(self.device)
 
     def _take(self, idx: torch.Tensor) -> Batch:
         return Batch(
@@ -210,7 +240,34 @@ class TensorBatches:
             idx,
         )
 
+    # ---- streamed domains: the same batches, decoded by loader workers
+
+    def _spec(self, rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        seeds = None
+        if self.augment != "none":
+            seeds = self._aug_rng.integers(0, 2**63, size=len(rows), dtype=np.int64)
+        return rows.numpy(), seeds
+
+    def _next_specs(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        # the same sequence as next() on arrays: batches of a permutation
+        # while they fill, then a fresh permutation
+        while True:
+            perm = self._new_perm()
+            for start in range(0, self.n - self.batch_size + 1, self.batch_size):
+                yield self._spec(perm[start : start + self.batch_size])
+
+    def _stream(self, specs: Any) -> Iterator[Batch]:
+        from .data.stream import stream_batches
+
+        mode = self.augment if self.augment != "none" else "test"
+        for x, rows in stream_batches(self.X, specs, mode=mode, device=self.device):
+            yield Batch(x, None if self.y is None else self.y[rows], None if self.w is None else self.w[rows], rows)
+
     def next(self) -> Batch:
+        if self.streamed:
+            if self._stream_it is None:
+                self._stream_it = self._stream(self._next_specs())
+            return next(self._stream_it)
         end = self._pos + self.batch_size
         if self._perm is None or end > self.n:
             self._perm, self._pos = self._new_perm(), 0
@@ -229,8 +286,19 @@ class TensorBatches:
         """One pass over every row in a fresh order (the last batch may be short).
         Independent of the position of ``next()``."""
         perm = self._new_perm()
+        if self.streamed:
+            yield from self._stream([self._spec(perm[s : s + self.batch_size])
+                                     for s in range(0, self.n, self.batch_size)])
+            return
         for start in range(0, self.n, self.batch_size):
             yield self._take(perm[start : start + self.batch_size])
+
+    def close(self) -> None:
+        """Stop a streamed domain's loader workers now (they also stop when
+        this object is garbage-collected)."""
+        it, self._stream_it = self._stream_it, None
+        if it is not None:
+            it.close()
 
 
 # --------------------------------------------------------------------------
@@ -305,6 +373,46 @@ def make_sgd(params: Any, lr: float, momentum: float = 0.9, weight_decay: float 
         return torch.optim.SGD(params, fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):  # device or dtype without a fused kernel, older torch
         return torch.optim.SGD(params, **kw)
+
+
+#: The hyperparameter a method that fine-tunes ``task.backbone`` declares
+#: (``"backbone_lr_mult": BACKBONE_LR_MULT``) and passes to
+#: :func:`backbone_param_groups` (defined in :mod:`dabench.contract`).
+BACKBONE_LR_MULT = _BACKBONE_LR_MULT
+
+
+def backbone_param_groups(backbone: nn.Module, heads: Any, backbone_lr_mult: float) -> list[dict]:
+    """Optimiser parameter groups: ``backbone``'s parameters with ``lr_mult =
+    backbone_lr_mult`` when the backbone is pretrained
+    (:func:`dabench.backbones.is_pretrained`: e.g. the ImageNet ResNets),
+    else 1 (a backbone trained from scratch, as TLlib's ``--scratch``), and
+    the parameters of ``heads`` (a module or an iterable of modules) with
+    ``lr_mult = 1``.  :func:`set_lr` applies the multipliers."""
+    from .backbones import is_pretrained
+
+    if isinstance(heads, nn.Module):
+        heads = [heads]
+    mult = float(backbone_lr_mult) if is_pretrained(backbone) else 1.0
+    groups = [{"params": list(backbone.parameters()), "lr_mult": mult, "name": "backbone"},
+              {"params": [p for h in heads for p in h.parameters()], "lr_mult": 1.0, "name": "heads"}]
+    return [g for g in groups if g["params"]]
+
+
+def amp_context(device: str | torch.device, enabled: bool) -> Any:
+    """Mixed precision for a suite with ``[protocol] amp = true``: bf16
+    autocast on CUDA (no loss scaling needed), nothing on CPU, so CPU
+    results never change.  On a GPU without bf16 a warning says that the
+    run stays in fp32."""
+    import contextlib
+
+    if not enabled or not str(device).startswith("cuda"):
+        return contextlib.nullcontext()
+    if not torch.cuda.is_bf16_supported():
+        import logging
+
+        logging.getLogger("dabench").warning("amp = true: %s has no bf16 support; running in fp32", device)
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -389,14 +497,21 @@ class TorchPredictor:
     @torch.no_grad()
     def _map2(self, X: np.ndarray, domain: str, head: bool, features: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
         """One pass over ``X``: (probabilities if ``head``, embeddings if ``features``)."""
+        from .data.stream import is_stream, sequential_specs, stream_batches
+
         enc = self._encoder(domain)
-        X = np.asarray(X, dtype=np.float32)
-        if X.ndim == 1:
-            X = X[None, :]
-        X = X.reshape(len(X), int(np.prod(X.shape[1:])))
+        if is_stream(X):  # decoded batch by batch (test transform) by loader workers
+            inputs: Iterator[torch.Tensor] = (xb for xb, _ in stream_batches(
+                X, sequential_specs(len(X), self.batch_size), device=self.device))
+        else:
+            X = np.asarray(X, dtype=np.float32)
+            if X.ndim == 1:
+                X = X[None, :]
+            X = X.reshape(len(X), int(np.prod(X.shape[1:])))
+            inputs = (torch.from_numpy(np.array(X[start : start + self.batch_size], copy=True)).to(self.device)
+                      for start in range(0, len(X), self.batch_size))
         probs, feats = [], []
-        for start in range(0, len(X), self.batch_size):
-            xb = torch.from_numpy(np.array(X[start : start + self.batch_size], copy=True)).to(self.device)
+        for xb in inputs:
             z = enc(xb)
             if features:
                 feats.append(z.float().cpu())
@@ -465,18 +580,22 @@ def fit_supervised(
     weight_decay: float,
     device: str | torch.device,
     seed: int,
+    backbone_lr_mult: float = 1.0,
 ) -> None:
     """Train ``classifier(encoder(x))`` on ``(X, y)`` with cross-entropy, in place.
 
     ``steps`` SGD steps (momentum 0.9, ``weight_decay``) on minibatches of
-    ``batch_size`` drawn by :class:`TensorBatches` with ``seed``; the learning
-    rate is annealed ``lr / (1 + 10 p) ** 0.75`` (Ganin et al. 2016).  Raises
-    :class:`DivergedError` on a non-finite loss.
+    ``batch_size`` drawn by :class:`TensorBatches` with ``seed`` (``X`` may be
+    a streamed image domain: its batches get the training augmentation); the
+    learning rate is annealed ``lr / (1 + 10 p) ** 0.75`` (Ganin et al. 2016),
+    times ``backbone_lr_mult`` for a pretrained ``encoder``
+    (:func:`backbone_param_groups`).  Raises :class:`DivergedError` on a
+    non-finite loss.
     """
     device = torch.device(device)
     encoder.to(device).train()
     classifier.to(device).train()
-    opt = make_sgd(list(encoder.parameters()) + list(classifier.parameters()),
+    opt = make_sgd(backbone_param_groups(encoder, classifier, backbone_lr_mult),
                    lr=lr, momentum=0.9, weight_decay=weight_decay)
     batches = TensorBatches(X, y, batch_size=batch_size, device=device, seed=seed)
     loss = torch.zeros(())

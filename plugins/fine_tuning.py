@@ -81,7 +81,7 @@ class FineTuning(Method):
     name = "fine-tuning"
     family = "baseline"
     version = "1"
-    requires = frozenset({"same_feature_space"})
+    requires = frozenset({"same_feature_space", "arrays"})
     paper = ("Yosinski et al., How transferable are features in deep neural networks?, NeurIPS 2014; "
              "discriminative fine-tuning, Howard & Ruder, ACL 2018; backbone pretrained as a denoising "
              "autoencoder on unlabelled inputs (Glorot et al., ICML 2011)")

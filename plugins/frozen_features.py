@@ -57,7 +57,7 @@ class FrozenFeatures(Method):
     name = "frozen-features"
     family = "baseline"
     version = "1"
-    requires = frozenset({"same_feature_space"})
+    requires = frozenset({"same_feature_space", "arrays"})
     paper = ("Donahue et al., DeCAF, ICML 2014 (fixed pretrained features); here pretrained as a "
              "denoising autoencoder on unlabelled inputs, Glorot, Bordes & Bengio, ICML 2011")
     hyperparameters = {

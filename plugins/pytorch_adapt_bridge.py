@@ -61,6 +61,7 @@ from typing import Any
 import numpy as np
 
 from dabench import Float, Int, Method, Task, hookimpl
+from dabench.contract import BACKBONE_LR_MULT
 
 #: The dabench contract this plugin was written for.
 dabench_contract = "1"
@@ -158,6 +159,7 @@ def _mean_softmax_head(heads: Any):
 _COMMON = {
     "lr": Float(0.01, 1e-3, 0.1, log=True, help="initial SGD learning rate (annealed as in DANN)"),
     "weight_decay": Float(5e-4, 1e-6, 1e-2, log=True, help="L2 weight decay"),
+    "backbone_lr_mult": BACKBONE_LR_MULT,
 }
 
 
@@ -191,6 +193,7 @@ class PytorchAdaptMethod(Method):
             TensorBatches,
             TorchPredictor,
             annealed_lr,
+            backbone_param_groups,
             check_finite,
             make_sgd,
             progress,
@@ -207,7 +210,9 @@ class PytorchAdaptMethod(Method):
         models.update(self.extra_models(pa, dim, task))
         for m in models.values():
             m.to(device).train()
-        opts = {k: make_sgd(list(m.parameters()), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
+        groups = {k: backbone_param_groups(m, (), self.backbone_lr_mult) if k == "G" else list(m.parameters())
+                  for k, m in models.items()}
+        opts = {k: make_sgd(groups[k], lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
                 for k, m in models.items() if any(True for _ in m.parameters())}
         hook = self.build_hook(pa, opts, dim, task)
         bs = task.budget.batch_size
@@ -501,8 +506,8 @@ def dabench_unavailable(register) -> None:  # type: ignore[no-untyped-def]
     missing = missing_modules()
     if missing:
         register("plugin", "pytorch-adapt",
-                 f"{', '.join(missing)} not installed, so no pa-* method or validator is registered; "
-                 f"pip install 'dabench[pytorch-adapt]' (or: {INSTALL})")
+                 f"{', '.join(missing)} not installed (an optional extra: pip install 'dabench[pytorch-adapt]'; "
+                 f"without torchvision, the README's --no-deps command)")
         return
     module, reason = _validators_module()
     if module is None:

@@ -55,6 +55,14 @@ loses); reweighting cannot remove a shortcut that every source sample has.
 It gains on ``moons -> moons-rot35`` (``iw-kliep``, +1.7 paired, every seed)
 and ``digits -> mnist`` (+1 to +2.5).
 
+Health signals (:mod:`dabench.diagnostics`): ``weight_ess``, the effective
+sample size of the training weights over the number of source samples,
+``(sum w)^2 / (n sum w^2)`` (1 for uniform weights; small when a few
+samples carry the weight), ``weight_max`` (the largest normalised weight)
+and ``engaged``: 1 when the weights differ from uniform (``weight_ess`` <
+0.99, a coefficient of variation above about 0.1), 0 when reweighting is
+source-only in disguise.
+
 Simplified or changed, and why:
 
 - skada (scikit-learn-contrib) is not used, on purpose: in skada 0.6.0
@@ -81,13 +89,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dabench import Bool, Float, Int, Method, Task, hookimpl
+from dabench import Bool, Float, Int, Method, Task, diagnostics, hookimpl
 from dabench.training import (
+    BACKBONE_LR_MULT,
     CHECK_EVERY,
     TensorBatches,
     TorchPredictor,
     annealed_lr,
     check_finite,
+    backbone_param_groups,
     make_sgd,
     progress,
     resolve_device,
@@ -99,6 +109,15 @@ from dabench.training import (
 log = logging.getLogger(__name__)
 
 _KLIEP_STEPS = tuple(10.0 ** e for e in range(3, -4, -1))
+#: ``engaged`` is 1 when the weights' effective sample size fraction is below this.
+ENGAGED_BELOW_ESS = 0.99
+
+
+def weight_ess(w: np.ndarray) -> float:
+    """Effective sample size of the weights over their number, ``(sum w)^2 / (n sum w^2)``."""
+    w = np.asarray(w, dtype=np.float64)
+    ss = float((w * w).sum())
+    return float(w.sum() ** 2 / (len(w) * ss)) if len(w) and ss > 0 else 0.0
 
 
 # --------------------------------------------------------------------------
@@ -267,6 +286,7 @@ class WeightedPredictor(TorchPredictor):
 _COMMON = {
     "lr": Float(0.01, 1e-3, 0.1, log=True, help="initial SGD learning rate mu0 (annealed)"),
     "weight_decay": Float(5e-4, 1e-6, 1e-2, log=True, help="L2 weight decay"),
+    "backbone_lr_mult": BACKBONE_LR_MULT,
     "power": Float(1.0, 0.0, 1.0, help="flattening exponent: w**power (0 = source-only, 1 = plain ratio)"),
     "clip": Float(10.0, 1.5, 100.0, log=True, help="upper clip of the mean-1 normalised weights"),
     "max_fit": Int(2000, 200, 10000, log=True, help="samples per domain used to fit the ratio"),
@@ -275,8 +295,8 @@ _COMMON = {
 
 class _ImportanceWeighting(Method):
     family = "reweighting"
-    version = "1"
-    requires = frozenset({"same_feature_space"})
+    version = "2"
+    requires = frozenset({"same_feature_space", "arrays"})
 
     def make_estimator(self, task: Task) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -294,14 +314,17 @@ class _ImportanceWeighting(Method):
         device = resolve_device(task.device)
         weights = self.estimate(task)
         w = weights(task.source_train.X)
-        log.debug("%s: weights mean %.3f max %.3f ESS %.1f / %d", self.name, w.mean(), w.max(),
-                  w.sum() ** 2 / (w * w).sum(), len(w))
+        ess = weight_ess(w)
+        log.debug("%s: weights mean %.3f max %.3f ESS %.3f of %d", self.name, w.mean(), w.max(), ess, len(w))
+        diagnostics.record("weight_ess", ess)
+        diagnostics.record("weight_max", float(w.max()))
+        diagnostics.record("engaged", float(ess < ENGAGED_BELOW_ESS))
         seed_everything(task.seed)
         encoder, dim = task.backbone(task.source_shape)
         classifier = nn.Linear(dim, task.n_classes)
         encoder.to(device).train()
         classifier.to(device).train()
-        opt = make_sgd(list(encoder.parameters()) + list(classifier.parameters()),
+        opt = make_sgd(backbone_param_groups(encoder, classifier, self.backbone_lr_mult),
                        lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
         batches = TensorBatches(task.source_train.X, task.source_train.y, w, batch_size=task.budget.batch_size,
                                 device=device, seed=stream_seed(task.seed, 1))

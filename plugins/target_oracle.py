@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import nn
 
 from dabench import Float, Method, Task, hookimpl
-from dabench.training import TorchPredictor, fit_supervised, resolve_device, seed_everything, stream_seed
+from dabench.training import BACKBONE_LR_MULT, TorchPredictor, fit_supervised, resolve_device, seed_everything, stream_seed
 
 
 class TargetOracle(Method):
@@ -33,6 +33,7 @@ class TargetOracle(Method):
     hyperparameters = {
         "lr": Float(0.01, 1e-3, 0.1, log=True, help="initial SGD learning rate mu0 (annealed)"),
         "weight_decay": Float(5e-4, 1e-6, 1e-2, log=True, help="L2 weight decay"),
+        "backbone_lr_mult": BACKBONE_LR_MULT,
     }
 
     @classmethod
@@ -51,7 +52,7 @@ class TargetOracle(Method):
         fit_supervised(encoder, classifier, task.target_train.X, task.target_train_labels,
                        steps=task.budget.steps, batch_size=task.budget.batch_size,
                        lr=self.lr, weight_decay=self.weight_decay, device=device,
-                       seed=stream_seed(task.seed, 2))
+                       seed=stream_seed(task.seed, 2), backbone_lr_mult=self.backbone_lr_mult)
         # On a heterogeneous pair the encoder only understands target inputs.
         enc = encoder if task.same_feature_space else {"target": encoder}
         return TorchPredictor(enc, classifier, device)

@@ -65,3 +65,25 @@ def make_task(registry, pair: str = "moons:moons-rot35", *, seed: int = 0, steps
 
         task = with_source_model(task, SourceRecipe(lr=source_lr))
     return task, split
+
+
+def write_image_folder(root: Path, classes=("cat", "dog", "owl"), per_class: int = 12, size=(20, 16),
+                       shift: float = 0.0, seed: int = 0, fmt: str = "JPEG") -> Path:
+    """An ImageFolder layout ``root/<class>/<i>.jpg`` of small learnable images:
+    each class has its own colour stripes, plus noise; ``shift`` brightens
+    the whole domain (a covariate shift)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+    for k, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = np.zeros((h, w, 3), dtype=np.float64)
+            base[:, :, k % 3] = 180.0
+            base[(k * 3) % h: (k * 3) % h + 4] += 60.0
+            img = base + 40.0 * shift + rng.normal(0.0, 25.0, size=(h, w, 3))
+            ext = "jpg" if fmt == "JPEG" else fmt.lower()
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / c / f"{i:03d}.{ext}", format=fmt)
+    return root

@@ -53,7 +53,10 @@ def test_without_pytorch_adapt_the_bridge_registers_nothing_and_says_why(monkeyp
 
         assert main(["list", "plugins"]) == 0
         out = capsys.readouterr().out
-        assert "unavailable: the whole plugin: pytorch_adapt not installed" in out
+        [line] = [l for l in out.splitlines() if "unavailable" in l]  # said once, briefly
+        assert "unavailable here: the whole plugin: pytorch_adapt not installed" in line and len(line) < 200, line
+        assert main(["list", "methods"]) == 0
+        assert "pytorch" not in capsys.readouterr().err  # the other commands stay quiet
         with pytest.raises(bridge.BridgeUnavailable, match="pip install --no-deps pytorch-adapt==0.0.83"):
             bridge._pa.__wrapped__()
     finally:
@@ -74,13 +77,17 @@ def test_all_algorithms_are_registered_and_validators_say_why_they_are_missing(r
 
 
 @needs_pa
-def test_list_methods_warns_about_unavailable_parts_without_failing():
+def test_unavailable_parts_are_said_once_in_list_plugins_not_on_every_command():
     from conftest import run_cli
 
-    r = run_cli("list", "methods")
-    assert r.returncode == 0 and "pa-dann" in r.stdout
+    for what in ("methods", "datasets", "validators"):
+        r = run_cli("list", what)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "pa-dann" in run_cli("list", "methods").stdout
     if importlib.util.find_spec("torchvision") is None:
-        assert "dabench: warning: validator 'pa-im' of plugin 'pytorch-adapt' is unavailable" in r.stderr
+        out = run_cli("list", "plugins").stdout
+        [line] = [l for l in out.splitlines() if "unavailable" in l]
+        assert "validators pa-im, pa-entropy, pa-bnm, pa-snd" in line and "torchvision" in line
 
 
 @needs_pa

@@ -71,9 +71,14 @@ def test_entropy_weights_favour_confident_predictions():
     assert torch.isclose(w[0] / w[3], torch.tensor(2.0 / (1 + 1 / 3)), atol=1e-5)
 
 
-def test_cdan_domain_gradient_is_reversed_into_the_features_only():
-    """The features get -lambda times the domain-loss gradient; the discriminator gets it
-    unreversed; the classifier gets none (g is detached where it conditions D)."""
+def test_cdan_domain_gradient_is_reversed_into_features_and_entropy_weights():
+    """The reference's gradient paths: the features get -lambda times the
+    domain-loss gradient (reversal between f and the map); with CDAN+E the
+    entropy weights are behind the same reversal (the reference's
+    entropy.register_hook(grl_hook(coeff))), so the classifier too gets
+    -lambda times its gradient through them; g itself is detached in the map
+    (plain CDAN: no gradient reaches the classifier); the discriminator's
+    gradient is never reversed."""
     from dabench_plugins.cdan import conditional_domain_loss, discriminator
 
     torch.manual_seed(0)
@@ -82,22 +87,29 @@ def test_cdan_domain_gradient_is_reversed_into_the_features_only():
     x = torch.randn(20, 3)
     x[10:] += 1.5
 
-    def grads(lam):
+    def grads(lam, use_entropy):
         for m in (enc, clf, disc):
             m.zero_grad(set_to_none=True)
         f = enc(x)
-        conditional_domain_loss(f, clf(f), 10, disc, None, lam, True).backward()
+        conditional_domain_loss(f, clf(f), 10, disc, None, lam, use_entropy).backward()
         return ([p.grad.clone() for p in enc.parameters()], [p.grad.clone() for p in disc.parameters()],
-                [p.grad for p in clf.parameters()])
+                [None if p.grad is None else p.grad.clone() for p in clf.parameters()])
 
-    enc_plain, disc_plain, _ = grads(-1.0)  # GRL factor -1 is the identity: the true gradient
-    enc_rev, disc_rev, clf_rev = grads(0.5)
-    for a, b in zip(enc_rev, enc_plain):
-        assert torch.allclose(a, -0.5 * b, atol=1e-6)
-    for a, b in zip(disc_rev, disc_plain):
-        assert torch.allclose(a, b)
-    assert all(g is None for g in clf_rev)
+    for use_entropy in (False, True):
+        enc_plain, disc_plain, clf_plain = grads(-1.0, use_entropy)  # factor -1 is the identity: the true gradient
+        enc_rev, disc_rev, clf_rev = grads(0.5, use_entropy)
+        for a, b in zip(enc_rev, enc_plain):
+            assert torch.allclose(a, -0.5 * b, atol=1e-6)
+        for a, b in zip(disc_rev, disc_plain):
+            assert torch.allclose(a, b)
+        if use_entropy:
+            assert all(g is not None and g.abs().sum() > 0 for g in clf_rev)
+            for a, b in zip(clf_rev, clf_plain):
+                assert torch.allclose(a, -0.5 * b, atol=1e-7)
+        else:
+            assert all(g is None for g in clf_rev)
     # one step of the encoder along its (reversed) gradient raises the domain loss
+    enc_rev, _, _ = grads(1.0, True)
     with torch.no_grad():
         before = conditional_domain_loss(enc(x), clf(enc(x)), 10, disc, None, 1.0, True).item()
         for p, g in zip(enc.parameters(), enc_rev):
@@ -106,9 +118,50 @@ def test_cdan_domain_gradient_is_reversed_into_the_features_only():
     assert after > before
 
 
-def test_cdan_runs_the_published_schedules_and_is_deterministic(registry, monkeypatch):
+def test_cdan_loss_has_the_reference_scale():
+    """thuml's loss.CDAN: plain CDAN is BCELoss() over the whole batch; CDAN+E is
+    sum(w * bce) / sum(w) with w = (1 + exp(-H)) normalised to sum 1 per domain,
+    i.e. the mean of the two domains' weighted means (half the sum of version 1)."""
+    from dabench_plugins.cdan import conditional_domain_loss, discriminator, entropy, multilinear_map
+
+    torch.manual_seed(1)
+    f, logits = torch.randn(12, 5), torch.randn(12, 3) * 2
+    disc = discriminator(15, 8, 1, 0.0)
+    ns = 5  # unequal domain sizes: the per-domain normalisation matters
+    d = disc(multilinear_map(f, torch.softmax(logits, 1))).squeeze(1)
+    dom = torch.cat([torch.zeros(ns), torch.ones(12 - ns)])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(d, dom, reduction="none")
+    plain = conditional_domain_loss(f, logits, ns, disc, None, 1.0, False)
+    assert plain.item() == pytest.approx(bce.mean().item(), rel=1e-6)
+    h = 1.0 + torch.exp(-entropy(torch.softmax(logits, 1)))
+    w = torch.cat([h[:ns] / h[:ns].sum(), h[ns:] / h[ns:].sum()])
+    expected = (w * bce).sum() / w.sum()
+    weighted = conditional_domain_loss(f, logits, ns, disc, None, 1.0, True)
+    assert weighted.item() == pytest.approx(expected.item(), rel=1e-6)
+    halves = 0.5 * ((w[:ns] * bce[:ns]).sum() + (w[ns:] * bce[ns:]).sum())
+    assert weighted.item() == pytest.approx(halves.item(), rel=1e-6)
+
+
+def test_cdan_discriminator_is_the_reference_adversarial_network():
+    """Defaults: 2 hidden layers of 500 with dropout 0.5 (AdversarialNetwork(., 500)),
+    Xavier-normal weights, zero biases (init_weights); lambda ramps to 1; CDAN+E."""
+    from dabench_plugins.cdan import CDAN, discriminator
+
+    params = CDAN().get_params()
+    assert (params["disc_layers"], params["disc_hidden"], params["disc_dropout"]) == (2, 500, 0.5)
+    assert params["lambda_max"] == 1.0 and params["entropy"] is True
+    torch.manual_seed(0)
+    disc = discriminator(1280, 500, 2, 0.5)
+    linears = [m for m in disc if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in linears] == [500, 500, 1]
+    assert sum(isinstance(m, torch.nn.Dropout) for m in disc) == 2
+    assert all(float(m.bias.abs().sum()) == 0.0 for m in linears)
+    assert float(linears[0].weight.std()) == pytest.approx((2.0 / (1280 + 500)) ** 0.5, rel=0.05)  # Xavier normal
+
+
+def test_cdan_runs_the_published_schedules_records_its_signals_and_is_deterministic(registry, monkeypatch):
     import dabench_plugins.cdan as cdan_mod
-    from dabench import training
+    from dabench import diagnostics, training
 
     lams = []
 
@@ -118,9 +171,13 @@ def test_cdan_runs_the_published_schedules_and_is_deterministic(registry, monkey
 
     monkeypatch.setattr(cdan_mod, "grad_reverse", spy)
     task, split = make_task(registry, steps=11)
-    a = registry.methods["cdan"](lambda_max=0.5).fit(task).predict_proba(split.target_test.X)
+    with diagnostics.collect() as diag:
+        a = registry.methods["cdan"](lambda_max=0.5).fit(task).predict_proba(split.target_test.X)
     p = np.arange(11) / 10
-    assert np.allclose(lams, 0.5 * (2 / (1 + np.exp(-10 * p)) - 1))
+    expected = 0.5 * (2 / (1 + np.exp(-10 * p)) - 1)
+    assert np.allclose(lams[0::2], expected) and np.allclose(lams[1::2], expected)  # features, entropy
+    assert 0 <= diag["disc_acc_start"] <= 1 and 0 <= diag["disc_acc_end"] <= 1
+    assert diag["engaged"] == float(diag["disc_acc_end"] < cdan_mod.ENGAGED_BELOW)
     b = registry.methods["cdan"](lambda_max=0.5).fit(task).predict_proba(split.target_test.X)
     assert np.array_equal(a, b)
 

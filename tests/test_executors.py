@@ -1,6 +1,7 @@
 """Executors: a process pool and Ray compute the same runs as the serial
-loop, only the driver writes the store, workers are pinned to devices, a
-dead worker loses only its run, and a killed driver resumes exactly."""
+worker, only the driver writes the store, workers are pinned to devices, a
+run that kills its worker is retried once then stored as failed, and a
+killed driver resumes exactly."""
 
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ import pytest
 
 from conftest import TINY_SUITE, run_cli, write
 from dabench.executors import (
+    DEFAULT_THREADS,
     ExecutorError,
     PoolExecutor,
     RayExecutor,
     SerialExecutor,
+    available_cores,
+    default_jobs,
     make_executor,
     plan_devices,
     threads_per_worker,
@@ -57,7 +61,7 @@ def test_device_plan_one_worker_per_gpu_round_robin():
     assert plan_devices("cuda", None, 4) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
     assert plan_devices("cuda", 6, 4) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0", "cuda:1"]
     assert plan_devices("cuda:2", 3, 4) == ["cuda:2"] * 3
-    assert plan_devices("cpu", None, 0) == ["cpu"]
+    assert plan_devices("cpu", None, 0) == ["cpu"] * default_jobs()
     assert plan_devices("cpu", 3, 0) == ["cpu"] * 3
     with pytest.raises(ExecutorError, match="no CUDA GPU"):
         plan_devices("cuda", None, 0)
@@ -66,7 +70,7 @@ def test_device_plan_one_worker_per_gpu_round_robin():
     assert threads_per_worker(2, cores=2) == 1
     assert threads_per_worker(3, cores=2) == 1
     assert threads_per_worker(2, cores=16) == 8
-    assert isinstance(make_executor("local", device="cpu"), SerialExecutor)
+    assert isinstance(make_executor("local", device="cpu", jobs=1), SerialExecutor)
     pool = make_executor("local", device="cpu", jobs=3)
     assert isinstance(pool, PoolExecutor) and pool.devices == ["cpu"] * 3
     with pytest.raises(ExecutorError, match="--address is for --executor ray"):
@@ -130,37 +134,70 @@ params = {{ die_on_seed = {die} }}
 """
 
 
-def test_pool_pins_workers_to_devices_and_a_dead_worker_loses_only_its_run(tmp_path):
+def test_pool_pins_workers_to_devices_and_a_run_that_kills_its_worker_is_retried_then_stored(tmp_path):
     log = tmp_path / "where.jsonl"
     pdir = write(tmp_path / "p" / "where.py", WHERE.format(log=str(log))).parent
     pool = PoolExecutor(["fake:0", "fake:1"])  # device strings are passed through to each run
     summary, rows = _sweep(tmp_path, "res", WHERE_SUITE.format(die=2), pool, plugins_dir=pdir)
-    # the worker running seed 2 died: that run is lost (not stored), the pool
-    # replaced the worker and finished the others
-    assert summary.lost == 1 and summary.ok == 5
+    # the worker running seed 2 died: the pool replaced it and retried the run
+    # once (it died again), stored it as failed and finished the others
+    assert summary.failed == 1 and summary.ok == 5 and summary.retried == 1
     logged = [json.loads(x) for x in log.read_text().splitlines()]
-    assert sorted(x["seed"] for x in logged) == [0, 1, 2, 3, 4, 5]
+    assert sorted(x["seed"] for x in logged) == [0, 1, 2, 2, 3, 4, 5]
     pids = {x["pid"] for x in logged}
     assert os.getpid() not in pids and len(pids) >= 2  # runs happen in the workers, not the driver
     for pid in pids:  # a worker keeps its device for its whole life
         assert len({x["device"] for x in logged if x["pid"] == pid}) == 1
     assert {x["device"] for x in logged} == {"fake:0", "fake:1"}
-    assert {x["threads"] for x in logged} == {threads_per_worker(2)}
+    assert {x["threads"] for x in logged} == {DEFAULT_THREADS}
     # BLAS pools too (NumPy's and SciPy's): their rounding also depends on the thread count
-    assert all(x["blas"] == [threads_per_worker(2)] for x in logged), logged
+    assert all(x["blas"] == [DEFAULT_THREADS] for x in logged), logged
     by_seed = {x["seed"]: x["device"] for x in logged if x["seed"] != 2}
     with RunStore(tmp_path / "res") as st:
         # only the driver wrote: every finished run once, with the device it ran on
-        assert {r["seed"]: r["device"] for r in st.rows()} == by_seed
-        assert st.count() == 5
+        stored = {r["seed"]: r for r in st.rows()}
+        assert {s: r["device"] for s, r in stored.items() if r["status"] == "ok"} == by_seed
+        assert st.count() == 6
+        assert stored[2]["status"] == "failed" and "killed by signal 9" in stored[2]["reason"]
 
 
 def test_pool_stores_the_same_keys_and_metrics_as_serial(tmp_path):
-    # same torch thread count per run as the pool's workers: results are then bit-for-bit equal
-    s_sum, serial = _sweep(tmp_path, "serial", TINY_SUITE, SerialExecutor(threads=threads_per_worker(2)))
+    # by default every executor gives a run the same thread count: results are bit-for-bit equal
+    s_sum, serial = _sweep(tmp_path, "serial", TINY_SUITE, SerialExecutor())
     p_sum, pooled = _sweep(tmp_path, "pool", TINY_SUITE, PoolExecutor(["cpu", "cpu"]))
     assert len(serial) == 4 and s_sum.ok == p_sum.ok == 4
     assert pooled == serial  # same keys, same metrics and validator scores, bit for bit
+    with RunStore(tmp_path / "pool") as st:  # what else determines a result is stored with it
+        import torch
+
+        assert {(r["threads"], r["torch_version"]) for r in st.rows()} == {(DEFAULT_THREADS, torch.__version__)}
+
+
+def test_cpu_defaults_one_single_threaded_run_per_usable_core(monkeypatch):
+    import dabench.executors as ex
+
+    assert DEFAULT_THREADS == 1
+    assert SerialExecutor().threads == PoolExecutor(["cpu"]).threads == DEFAULT_THREADS
+    assert default_jobs(cores=8, memory=64 * 2**30) == 8
+    assert default_jobs(cores=8, memory=3 * 2**30) == 2  # each worker keeps ~1.5 GB of the free memory
+    assert default_jobs(cores=1, memory=None) == 1
+    monkeypatch.setattr(ex, "available_cores", lambda: 4)
+    monkeypatch.setattr(ex, "_available_memory", lambda: None)
+    pool = make_executor("local", device="cpu")
+    assert isinstance(pool, PoolExecutor) and pool.devices == ["cpu"] * 4 and pool.threads == 1
+    monkeypatch.setattr(ex, "available_cores", lambda: 1)
+    one = make_executor("local", device="cpu")
+    assert isinstance(one, SerialExecutor) and one.threads == 1
+    assert make_executor("local", device="cpu", jobs=2, threads=3).threads == 3
+
+
+def test_usable_cores_honour_a_cgroup_cpu_quota(monkeypatch):
+    import dabench.executors as ex
+
+    monkeypatch.setattr(ex, "_cgroup_cpu_limit", lambda: 1)
+    assert available_cores() == 1
+    monkeypatch.setattr(ex, "_cgroup_cpu_limit", lambda: None)
+    assert available_cores() >= 1
 
 
 def test_serial_threads_cap_torch_and_blas_for_each_run(tmp_path):
@@ -260,7 +297,7 @@ batch_size = 16
 """
 
 
-@pytest.mark.parametrize("jobs", [None, "2"])
+@pytest.mark.parametrize("jobs", ["1", "2"])
 def test_cli_progress_shows_a_missing_source_accuracy_as_n_a(tmp_path, jobs):
     """A target-only model on a heterogeneous pair has no source accuracy: the
     progress line says n/a (serial and pool), the sweep finishes."""
@@ -296,18 +333,20 @@ def local_ray():
 def test_ray_stores_the_same_keys_and_metrics_as_the_local_executor(tmp_path, local_ray):
     _, serial = _sweep(tmp_path, "serial", TINY_SUITE, SerialExecutor(threads=1))  # 1 CPU per Ray task
     summary, on_ray = _sweep(tmp_path, "ray", TINY_SUITE, RayExecutor(device="cpu"))
-    assert summary.ok == 4 and summary.lost == 0
+    assert summary.ok == 4 and summary.failed == 0
     assert on_ray == serial
 
 
 @pytest.mark.skipif(not HAVE_RAY, reason='Ray is not installed (pip install "dabench[ray]")')
-def test_ray_reports_a_dead_worker_as_a_lost_run(tmp_path, local_ray):
+def test_ray_stores_a_run_whose_worker_died_as_failed(tmp_path, local_ray):
     log = tmp_path / "where.jsonl"
     pdir = write(tmp_path / "p" / "where.py", WHERE.format(log=str(log))).parent
     text = WHERE_SUITE.format(die=1).replace("seeds = 6", "seeds = 3")
     summary, rows = _sweep(tmp_path, "res", text, RayExecutor(device="cpu", max_retries=0), plugins_dir=pdir)
-    assert summary.lost == 1 and summary.ok == 2
+    assert summary.failed == 1 and summary.ok == 2
     with RunStore(tmp_path / "res") as st:
-        assert sorted(r["seed"] for r in st.rows()) == [0, 2]
+        stored = {r["seed"]: r for r in st.rows()}
+        assert sorted(stored) == [0, 1, 2] and stored[1]["status"] == "failed"
+        assert "Ray task failed" in stored[1]["reason"]
     pids = {json.loads(x)["pid"] for x in log.read_text().splitlines()}
     assert os.getpid() not in pids

@@ -211,3 +211,324 @@ def test_constant_features_do_not_divide_by_zero(registry, tmp_path):
     mean, std = _moments(np.array([[1.0, 2.0], [1.0, 4.0]], np.float32))
     np.testing.assert_array_equal(std, [1.0, 1.0])
     np.testing.assert_array_equal(mean, [1.0, 3.0])
+
+
+def test_pad_resize_keeps_scale_and_centres(registry):
+    from dabench.data.core import resize_images
+
+    X = np.zeros((2, 1, 28, 28), np.float32)
+    X[:, 0, 10, 12] = 1.0
+    out = resize_images(X, (3, 32, 32), "pad")
+    assert out.shape == (2, 3, 32, 32) and out[:, :, 12, 14].min() == 1.0 and out.sum() == 2 * 3
+    with pytest.raises(DataError, match="larger"):
+        resize_images(np.zeros((1, 1, 40, 40), np.float32), (1, 32, 32), "pad")
+    assert Protocol(resize="pad").as_dict()["resize"] == "pad" and "resize" not in Protocol().as_dict()
+# ---------------------------------------------------------------------------
+# format = "imagefolder": streamed image domains from class sub-folders or a list file
+# ---------------------------------------------------------------------------
+
+from conftest import write_image_folder  # noqa: E402
+
+FOLDER_SUITE = """
+name = "folders"
+seeds = 1
+pairs = ["{pair}"]
+
+[budget]
+steps = 10
+batch_size = 8
+
+[domains.a]
+path = "a"
+format = "imagefolder"
+label_space = "animals"
+{size_a}
+{extra_a}
+
+[domains.b]
+path = "b"
+format = "imagefolder"
+label_space = "animals"
+size = [16, 16]
+{extra_b}
+
+[methods.source-only]
+"""
+
+
+def _folder_suite(tmp_path, pair="a:b", extra_a="", extra_b=""):
+    size_a = "" if extra_a.startswith("size") else "size = [16, 16]"
+    return write(tmp_path / "f.toml", FOLDER_SUITE.format(pair=pair, extra_a=extra_a, extra_b=extra_b, size_a=size_a))
+
+
+def _two_folders(tmp_path, classes=("cat", "dog", "owl")):
+    write_image_folder(tmp_path / "a", classes=classes, per_class=4, seed=0)
+    write_image_folder(tmp_path / "b", classes=classes, per_class=4, seed=1, shift=1.0)
+
+
+def test_imagefolder_domain_is_streamed_with_classes_and_a_cheap_fingerprint(registry, tmp_path):
+    _two_folders(tmp_path)
+    (tmp_path / "a" / "cat" / "notes.txt").write_text("not an image")  # other files are ignored
+    (tmp_path / "a" / "dog" / "deeper").mkdir()
+    write_image_folder(tmp_path / "a" / "dog" / "deeper", classes=("x",), per_class=2, seed=3)  # nested: read
+    s = parse_suite(_folder_suite(tmp_path, extra_a="resize = [20, 18]"), registry)
+    spec = s.pairs[0].domain("a", registry)
+    assert spec.streamed and spec.shape == (3, 16, 16) and spec.n_classes == 3
+    assert spec.classes == ("cat", "dog", "owl") and spec.fingerprint.startswith("files:sha256:")
+    X, y = spec.load(None)
+    assert len(X) == 14 and np.bincount(y).tolist() == [4, 6, 4] and X.resize == (20, 18)
+    # the fingerprint follows the listing (path, size, mtime, label) and the options, not the pixels' hash
+    key = s.expand(registry)[0].key
+    assert parse_suite(_folder_suite(tmp_path, extra_a="resize = [20, 18]"), registry).expand(registry)[0].key == key
+    assert parse_suite(_folder_suite(tmp_path), registry).expand(registry)[0].key != key  # another resize
+    write_image_folder(tmp_path / "a", classes=("owl",), per_class=5, seed=9)  # one image added
+    assert parse_suite(_folder_suite(tmp_path, extra_a="resize = [20, 18]"), registry).expand(registry)[0].key != key
+    # a folder edited between reading the suite and running it is not trained on silently
+    with pytest.raises(DataError, match="changed since the suite was read"):
+        spec.load(None)
+
+
+def test_image_list_layout(registry, tmp_path):
+    _two_folders(tmp_path)
+    lines = [f"{c}/{i:03d}.jpg {k}" for k, c in enumerate(("cat", "dog", "owl")) for i in range(4)]
+    (tmp_path / "a" / "list.txt").write_text("\n".join(lines[::-1]) + "\n")
+    s = parse_suite(_folder_suite(tmp_path, extra_a='list = "list.txt"'), registry)
+    X, y = s.pairs[0].domain("a", registry).load(None)
+    assert y.tolist() == [2] * 4 + [1] * 4 + [0] * 4 and X.paths[0].endswith("owl/003.jpg")
+    # class names are accepted as labels once the classes are named
+    (tmp_path / "a" / "named.txt").write_text("dog/000.jpg dog\ncat/001.jpg cat\nowl/002.jpg owl\n")
+    s = parse_suite(_folder_suite(tmp_path, extra_a='list = "named.txt"\nclasses = ["cat", "dog", "owl"]'), registry)
+    assert s.pairs[0].domain("a", registry).load(None)[1].tolist() == [1, 0, 2]
+
+
+@pytest.mark.parametrize("setup,extra_a,key,expected", [
+    (None, "size = [0, 16]", "domains.a.size", "two integers >= 1"),
+    (None, "resize = [8, 8]", "domains.a.resize", "smaller than size"),
+    (None, 'colour = "rgb"', "domains.a.colour", "unknown key"),
+    (None, 'classes = ["cat", "dog"]', "domains.a.path", r"folder\(s\) \['owl'\] not in the label space"),
+    (None, 'classes = ["cat", "dog", "owl", "yak"]', "domains.a.path", r"no folder for class\(es\) \['yak'\]"),
+    ("file", "", "domains.a.path", "is not a folder"),
+    ("empty", "", "domains.a.path", "no class sub-folders"),
+    ("noimages", "", "domains.a.path", "no images"),
+    ("badlist", 'list = "l.txt"', "domains.a.list", "line 2: expected `relative/path label`"),
+    ("outside", 'list = "l.txt"\nn_classes = 3', "domains.a.list", r"label 7 is not in the label space \(labels 0..2\)"),
+    ("nolist", 'list = "l.txt"', "domains.a.list", "list file .*l.txt is missing"),
+])
+def test_malformed_image_folders_are_refused_naming_key_and_problem(registry, tmp_path, setup, extra_a, key, expected):
+    _two_folders(tmp_path)
+    import shutil
+
+    if setup == "file":
+        shutil.rmtree(tmp_path / "a")
+        (tmp_path / "a").write_text("x")
+    elif setup == "empty":
+        shutil.rmtree(tmp_path / "a")
+        (tmp_path / "a").mkdir()
+    elif setup == "noimages":
+        shutil.rmtree(tmp_path / "a")
+        for c in ("cat", "dog"):
+            (tmp_path / "a" / c).mkdir(parents=True)
+    elif setup == "badlist":
+        (tmp_path / "a" / "l.txt").write_text("cat/000.jpg 0\nlonely\n")
+    elif setup == "outside":
+        (tmp_path / "a" / "l.txt").write_text("cat/000.jpg 0\ndog/000.jpg 7\n")
+    with pytest.raises(SuiteError) as ei:
+        parse_suite(_folder_suite(tmp_path, extra_a=extra_a, extra_b='n_classes = 3' if setup else ""), registry)
+    assert ei.value.key == key and __import__("re").search(expected, ei.value.message), ei.value
+
+
+def test_a_class_folder_in_one_domain_only_is_refused_for_the_pair(registry, tmp_path):
+    write_image_folder(tmp_path / "a", classes=("cat", "dog", "owl"), per_class=3)
+    write_image_folder(tmp_path / "b", classes=("cat", "dog", "yak"), per_class=3)
+    with pytest.raises(SuiteError, match=r"pairs\[0\].*class 'owl' exists in 'a' and not in 'b'.*class 'yak' exists in 'b'"):
+        parse_suite(_folder_suite(tmp_path), registry)
+
+
+def test_folder_paired_with_a_standard_dataset_must_use_its_class_names(registry, tmp_path):
+    from dabench.data.standard import OFFICE31_CLASSES
+
+    write_image_folder(tmp_path / "a", classes=OFFICE31_CLASSES[:30], per_class=1)
+    suite = write(tmp_path / "o.toml", """
+        name = "o"
+        pairs = ["mine:office31-amazon"]
+        [domains.mine]
+        path = "a"
+        format = "imagefolder"
+        label_space = "office31"
+        size = [224, 224]
+        [methods.source-only]
+        """)
+    with pytest.raises(SuiteError, match=r"domains.mine.path: .*no folder for class\(es\) \['trash_can'\]"):
+        parse_suite(suite, registry)
+    write_image_folder(tmp_path / "a", classes=("trash_can",), per_class=1)
+    spec = parse_suite(suite, registry).pairs[0].domain("mine", registry)
+    assert spec.classes == OFFICE31_CLASSES and spec.n_classes == 31
+
+
+def test_absent_image_folder_is_missing_data(registry, tmp_path):
+    write_image_folder(tmp_path / "a", per_class=3)
+    s = parse_suite(_folder_suite(tmp_path, extra_b="n_classes = 3"), registry)
+    with pytest.raises(DataError, match="domain 'b': folder 'b' not found"):
+        s.pairs[0].domain("b", registry).load(None)
+    with pytest.raises(SuiteError, match="domains.b.n_classes: .*folder is absent"):
+        parse_suite(_folder_suite(tmp_path), registry)
+
+
+def test_image_folder_pair_runs_end_to_end(tmp_path):
+    _two_folders(tmp_path)
+    res = run_cli("run", str(_folder_suite(tmp_path)), "--results", str(tmp_path / "res"), "--device", "cpu")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "1 runs (1 ok" in res.stdout + res.stderr
+
+
+# ---------------------------------------------------------------------------
+# format = "csv" / "parquet": feature tables
+# ---------------------------------------------------------------------------
+
+TABLE_SUITE = """
+name = "tables"
+seeds = 1
+pairs = ["{pair}"]
+
+[budget]
+steps = 20
+batch_size = 16
+
+[domains.s]
+path = "{path_s}"
+format = "{fmt}"
+label_space = "{space}"
+{extra}
+
+[domains.t]
+path = "{path_t}"
+format = "{fmt}"
+label_space = "{space}"
+{extra}
+
+[methods.source-only]
+"""
+
+
+def _frame(n=60, d=4, seed=0, labels=("low", "mid", "high"), shift=0.0):
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % len(labels)
+    X = rng.normal(size=(n, d)) + y[:, None] + shift
+    df = pd.DataFrame(X, columns=[f"f{j}" for j in range(d)])
+    df["kind"] = [labels[k] for k in y]
+    df["id"] = np.arange(n)
+    return df
+
+
+def _table_suite(tmp_path, fmt="csv", extra='label = "kind"\nfeatures = ["f0", "f1", "f2", "f3"]',
+                 space="grades", pair="s:t"):
+    ext = "csv" if fmt == "csv" else "parquet"
+    return write(tmp_path / "t.toml", TABLE_SUITE.format(pair=pair, path_s=f"s.{ext}", path_t=f"t.{ext}", fmt=fmt,
+                                                         space=space, extra=extra))
+
+
+def _save(df, path):
+    df.to_csv(path, index=False) if path.suffix == ".csv" else df.to_parquet(path)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_table_domains_load_features_and_named_labels(registry, tmp_path, fmt):
+    if fmt == "parquet":
+        pytest.importorskip("pyarrow", reason="format = \"parquet\" needs pyarrow (in the test extra)")
+    ext = "csv" if fmt == "csv" else "parquet"
+    src, tgt = _frame(seed=0), _frame(seed=1, shift=0.5)
+    _save(src, tmp_path / f"s.{ext}")
+    _save(tgt, tmp_path / f"t.{ext}")
+    s = parse_suite(_table_suite(tmp_path, fmt), registry)
+    spec = s.pairs[0].domain("s", registry)
+    assert spec.shape == (4,) and spec.n_classes == 3 and spec.classes == ("high", "low", "mid")  # sorted names
+    X, y = spec.load(None)
+    np.testing.assert_allclose(X, src[["f0", "f1", "f2", "f3"]].to_numpy(), rtol=1e-6)
+    assert [spec.classes[k] for k in y] == src["kind"].tolist()
+    # the options are part of the fingerprint: fewer features, another run key
+    key = s.expand(registry)[0].key
+    fewer = parse_suite(_table_suite(tmp_path, fmt, 'label = "kind"\nfeatures = ["f0", "f1"]'), registry)
+    assert fewer.pairs[0].domain("s", registry).shape == (2,) and fewer.expand(registry)[0].key != key
+    # without `features`, every column but the label is one (here the id column too)
+    assert parse_suite(_table_suite(tmp_path, fmt, 'label = "kind"'), registry).pairs[0].domain("s", registry).shape == (5,)
+
+
+def test_csv_pair_runs_end_to_end_standardised(tmp_path):
+    _save(_frame(seed=0), tmp_path / "s.csv")
+    _save(_frame(seed=1, shift=0.5), tmp_path / "t.csv")
+    res = run_cli("run", str(_table_suite(tmp_path)), "--results", str(tmp_path / "res"), "--device", "cpu")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "1 runs (1 ok" in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("edit,extra,key,expected", [
+    ("text", None, "domains.s.features", r"column 'f2' is not numeric: data row 4 \(line 5\) holds 'n/a\?'"),
+    ("nan", None, "domains.s.features", r"column 'f1' has 1 missing or non-finite value\(s\), e.g. data row 3"),
+    ("nolabel", 'label = "grade"', "domains.s.label", r"has no column 'grade'; its columns: \['f0'"),
+    ("unknown", 'label = "kind"\nclasses = ["high", "low", "mid"]', "domains.s.label",
+     r"label 'top' in data row 2 \(line 3\) is not in the label space 'grades'"),
+    ("ints", 'label = "kind"\nn_classes = 3', "domains.s.label", r"label 5 in data row 1 \(line 2\) is not in the label space"),
+    ("ok", 'label = "kind"\nfeatures = ["f9"]', "domains.s.features", r"has no column\(s\) \['f9'\]"),
+    ("ok", 'label = "kind"\nfeatures = ["kind"]', "domains.s.features", "label column 'kind' is listed"),
+    ("ok", 'label = "kind"\nsheet = 2', "domains.s.sheet", "unknown key"),
+])
+def test_malformed_tables_are_refused_naming_key_column_and_row(registry, tmp_path, edit, extra, key, expected):
+    df = _frame()
+    if edit == "text":
+        df["f2"] = df["f2"].astype(object)
+        df.loc[3, "f2"] = "n/a?"
+    elif edit == "nan":
+        df.loc[2, "f1"] = np.nan
+    elif edit == "unknown":
+        df.loc[1, "kind"] = "top"
+    elif edit == "ints":
+        df["kind"] = np.arange(len(df)) % 3
+        df.loc[0, "kind"] = 5
+    _save(df, tmp_path / "s.csv")
+    _save(_frame(seed=1), tmp_path / "t.csv")
+    with pytest.raises(SuiteError) as ei:
+        parse_suite(_table_suite(tmp_path, extra=extra or 'label = "kind"'), registry)
+    assert ei.value.key == key and __import__("re").search(expected, ei.value.message), ei.value
+
+
+def test_parquet_without_pyarrow_says_what_to_install(registry, tmp_path, monkeypatch):
+    import builtins
+
+    (tmp_path / "s.parquet").write_bytes(b"PAR1")
+    (tmp_path / "t.parquet").write_bytes(b"PAR1")
+    real = builtins.__import__
+
+    def no_pyarrow(name, *a, **k):
+        if name == "pyarrow":
+            raise ImportError("no pyarrow")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_pyarrow)
+    with pytest.raises(SuiteError, match=r"domains.s.format: .*needs pyarrow: pip install pyarrow"):
+        parse_suite(_table_suite(tmp_path, "parquet", 'label = "kind"', space="grades"), registry)
+
+
+def test_readme_worked_example_parses(registry, tmp_path):
+    """The README's [domains] example is a valid suite on data of its described layout."""
+    import re
+
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    example = readme[readme.index("A worked example"):]
+    toml = re.search(r"```toml\n(.*?)```", example, re.S).group(1)
+    for dom, shift in (("studio", 0.0), ("field", 1.0)):
+        write_image_folder(tmp_path / "photos" / dom, per_class=3, shift=shift)
+    (tmp_path / "sensors").mkdir()
+    for name, seed in (("lab", 0), ("site", 1)):
+        df = _frame(n=30, d=10, seed=seed)
+        df.columns = [f"t{j}" for j in range(10)] + ["grade", "device"]
+        df.to_csv(tmp_path / "sensors" / f"{name}.csv", index=False)
+    suite = parse_suite(write(tmp_path / "mine.toml", toml), registry)
+    assert [p.name for p in suite.pairs] == ["studio:field", "lab:site"]
+    studio, lab = suite.pairs[0].domain("studio", registry), suite.pairs[1].domain("lab", registry)
+    assert studio.streamed and studio.classes == ("cat", "dog", "owl") and studio.shape == (3, 224, 224)
+    assert lab.shape == (10,) and lab.classes == ("high", "low", "mid")
+    assert len(suite.expand(registry)) == 2 * 3 * 2

@@ -97,3 +97,31 @@ def test_divergence_is_raised_as_diverged_error(registry):
     task, _ = make_task(registry, "covshift-source:covshift-target", steps=400)
     with pytest.raises(training.DivergedError, match="diverged"):
         registry.methods["dann"](lr=0.1, lambda_max=3.0, weight_decay=1e-6).fit(task)
+
+
+def test_dann_records_domain_classifier_accuracy_and_engagement(registry):
+    """The health signal tracks the adversarial game: on the covariate-shift pair a
+    domain classifier that the features barely fight (lambda 0.03) ends up
+    separating the domains (engaged 0), while with lambda = 1 the features keep it
+    near chance (engaged 1)."""
+    from dabench import diagnostics
+
+    task, _ = make_task(registry, "covshift-source:covshift-target", steps=200, batch_size=64)
+    with diagnostics.collect() as weak:
+        registry.methods["dann"](lambda_max=0.03).fit(task)
+    with diagnostics.collect() as full:
+        registry.methods["dann"](lambda_max=1.0).fit(task)
+    assert weak["disc_acc_start"] < 0.7 and full["disc_acc_start"] < 0.7  # lambda ~ 0 early on: both start naive
+    assert weak["disc_acc_end"] > 0.9 and weak["engaged"] == 0.0
+    assert full["disc_acc_end"] < 0.7 and full["engaged"] == 1.0
+
+
+def test_domain_accuracy_summary_uses_the_first_and_last_tenth():
+    from dabench import diagnostics
+    from dabench_plugins.dann import ENGAGED_BELOW, record_domain_accuracy
+
+    acc = [torch.tensor(v) for v in [0.5, 0.6] + [0.7] * 16 + [0.95, 0.97]]
+    with diagnostics.collect() as d:
+        record_domain_accuracy(acc)
+    assert d["disc_acc_start"] == pytest.approx(0.55) and d["disc_acc_end"] == pytest.approx(0.96)
+    assert d["engaged"] == float(0.96 < ENGAGED_BELOW) == 0.0

@@ -103,7 +103,10 @@ def test_power_zero_is_exactly_source_only_and_weights_change_the_model(registry
     with power 0 (all weights 1) the predictions are bit-identical."""
     task, split = make_task(registry, "covshift-source:covshift-target", steps=40)
     X = split.target_test.X
-    so = registry.methods["source-only"](lr=0.03).fit(task).predict_proba(X)
+    from dabench.source_model import SourceRecipe, with_source_model
+
+    # source-only is the host's source model, trained by the same supervised loop
+    so = registry.methods["source-only"]().fit(with_source_model(task, SourceRecipe(lr=0.03))).predict_proba(X)
     flat = registry.methods["iw-discriminative"](lr=0.03, power=0.0).fit(task).predict_proba(X)
     full = registry.methods["iw-discriminative"](lr=0.03, power=1.0).fit(task).predict_proba(X)
     assert np.array_equal(so, flat)
@@ -166,6 +169,22 @@ def test_runner_reports_no_source_accuracy_for_a_target_only_model_on_a_native_p
     assert metrics["source_acc"] is None and 0 <= metrics["target_acc"] <= 1
 
 
+def test_weight_ess_and_reweighting_health_signals(registry):
+    """ESS / n is 1 for uniform weights and about 1/n when one sample carries
+    them; on the covariate-shift pair the estimated weights are far from
+    uniform, so reweighting engaged."""
+    from dabench import diagnostics
+    from dabench_plugins.reweighting import weight_ess
+
+    assert weight_ess(np.ones(50)) == pytest.approx(1.0)
+    assert weight_ess(np.r_[100.0, np.full(99, 1e-9)]) == pytest.approx(0.01, rel=1e-3)
+    assert weight_ess(np.r_[np.ones(50), 3 * np.ones(50)]) == pytest.approx(16 / 20)
+    task, _ = make_task(registry, "covshift-source:covshift-target", steps=5)
+    with diagnostics.collect() as diag:
+        registry.methods["iw-discriminative"]().fit(task)
+    assert 0 < diag["weight_ess"] < 0.9 and diag["weight_max"] > 1 and diag["engaged"] == 1.0
+
+
 # ------------------------------------------------------------ heterogeneous
 
 
@@ -223,6 +242,68 @@ def test_gw_recovers_a_rotation_embedded_in_another_dimension():
         assert (T.argmax(0)[np.argsort(perm)] == np.arange(60)).mean() > 0.9, geometry
         q = transport_labels(T, ys, 3)
         assert (q.argmax(1) == ys[perm]).mean() > 0.9, geometry
+
+
+def test_ssot_labelled_target_samples_decide_a_symmetric_coupling():
+    """Two mirror-image classes: swapping them is an isometry, so GW alone cannot
+    tell which target blob is which (here it picks the swap).  With a few
+    labelled target samples in the coupling (SSOT's label term) the transported
+    labels are right, and they follow the labels given (flipped labels, flipped
+    transport): the labels, not chance, decide."""
+    from dabench_plugins.heterogeneous import gw_coupling, intra_costs, label_cost, transport_labels
+
+    rng = np.random.default_rng(0)
+    n, k = 60, 3
+    ys = np.repeat([0, 1], n // 2)
+    Xs = np.c_[np.where(ys == 0, -2.0, 2.0), np.zeros(n)] + 0.5 * rng.standard_normal((n, 2))
+    yt = rng.permutation(ys)
+    Q, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+    Xt = np.c_[np.where(yt == 0, -2.0, 2.0), np.zeros(n), np.zeros(n)] + np.c_[0.5 * rng.standard_normal((n, 2)),
+                                                                                np.zeros(n)]
+    Xt = Xt @ Q.T
+    lab = np.r_[np.flatnonzero(yt == 0)[:k], np.flatnonzero(yt == 1)[:k]]
+    order = np.r_[lab, np.setdiff1d(np.arange(n), lab)]  # labelled target points first
+    Xt, yt = Xt[order], yt[order]
+    M = label_cost(ys, yt[:2 * k], n)
+    assert M.shape == (n, n) and not M[:, 2 * k:].any()
+    assert (M[:, :2 * k] == (ys[:, None] != yt[None, :2 * k])).all()
+    Cs, Ct = intra_costs(Xs), intra_costs(Xt)
+
+    def acc(T, truth):
+        return (transport_labels(T, ys, 2).argmax(1)[2 * k:] == truth[2 * k:]).mean()
+
+    assert acc(gw_coupling(Cs, Ct, M=M), yt) > 0.95
+    assert acc(gw_coupling(Cs, Ct, M=label_cost(ys, 1 - yt[:2 * k], n)), 1 - yt) > 0.95
+
+
+def test_gw_hda_uses_the_labelled_target_samples_when_given(registry, monkeypatch):
+    """With k_target > 0 the labelled samples enter the coupling (a label cost)
+    and the loss (their true labels); without, the coupling is plain GW."""
+    import dabench_plugins.heterogeneous as het
+    from dabench import diagnostics
+
+    costs = []
+    real = het.gw_coupling
+
+    def spy(Cs, Ct, *a, M=None, **kw):
+        costs.append(M)
+        return real(Cs, Ct, *a, M=M, **kw)
+
+    monkeypatch.setattr(het, "gw_coupling", spy)
+    cls = registry.methods["gw-hda"]
+    task, _ = make_task(registry, "digits:mnist", steps=3, feature_space="native", k_target=2,
+                        max_target=300, max_source=300)
+    Xm, q = cls(n_match=60).transported(task)
+    assert costs[-1] is not None and costs[-1].shape == (60, len(Xm)) == (60, 60)
+    k = len(task.target_labeled)
+    assert np.array_equal(Xm[:k], task.target_labeled.X)
+    assert np.array_equal(q[:k].argmax(1), task.target_labeled.y) and np.allclose(q[:k].max(1), 1.0)
+    with diagnostics.collect() as diag:
+        cls(n_match=60, latent_dim=16).fit(task)
+    assert diag["ssot"] == 1.0 and 0.1 <= diag["transport_confidence"] <= 1.0
+    plain, _ = make_task(registry, "digits:mnist", steps=3, feature_space="native", max_target=300, max_source=300)
+    cls(n_match=60).transported(plain)
+    assert costs[-1] is None
 
 
 def test_gw_hda_needs_no_target_labels_and_skips_shared_spaces(registry):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import make_task
+from dabench import diagnostics
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -53,35 +54,42 @@ def test_cbst_selection_keeps_each_class_portion_under_skewed_confidence():
 
 def test_cbst_normalised_argmax_and_unpredicted_classes():
     """Labels are argmax_c p_c / exp(-k_c) (Eq. 5), which can differ from the
-    plain argmax; selection needs that maximum >= 1; a class nobody predicts
-    gets no pseudo-labels."""
+    plain argmax; selection needs that maximum >= 1; the threshold sits at rank
+    floor(p * N_c) as in the reference's kc_parameters, so a class nobody
+    predicts, or too rare for one sample at portion p, gets no pseudo-labels."""
     from dabench_plugins.cbst import class_balanced_thresholds, select_pseudo_labels
 
-    proba = torch.tensor([[0.99, 0.01, 0.00, 0.0],
-                          [0.97, 0.03, 0.00, 0.0],
-                          [0.95, 0.00, 0.05, 0.0],
-                          [0.55, 0.00, 0.45, 0.0],   # predicted 0, but p_2 reaches class 2's threshold
-                          [0.20, 0.35, 0.45, 0.0],   # the only class-2 prediction
-                          [0.10, 0.90, 0.00, 0.0],
-                          [0.30, 0.70, 0.00, 0.0]], dtype=torch.float64)
+    proba = torch.tensor([[0.99, 0.01, 0.00, 0.00, 0.0],
+                          [0.97, 0.03, 0.00, 0.00, 0.0],
+                          [0.95, 0.00, 0.05, 0.00, 0.0],
+                          [0.55, 0.00, 0.45, 0.00, 0.0],   # predicted 0, but p_2 reaches class 2's threshold
+                          [0.20, 0.35, 0.45, 0.00, 0.0],   # class-2 predictions: 0.45 and 0.40
+                          [0.20, 0.00, 0.40, 0.00, 0.4 - 1e-9],
+                          [0.10, 0.90, 0.00, 0.00, 0.0],
+                          [0.30, 0.70, 0.00, 0.00, 0.0],
+                          [0.30, 0.00, 0.00, 0.00, 0.7]], dtype=torch.float64)  # the only class-4 prediction
     thr = class_balanced_thresholds(proba, 0.5)
     # class 0: [0.99, 0.97, 0.95, 0.55] -> rank 2 -> 0.97; class 1: [0.9, 0.7] -> rank 1 -> 0.9;
-    # class 2: [0.45] -> 0.45; class 3: never predicted -> inf
+    # class 2: [0.45, 0.40] -> rank 1 -> 0.45; class 3: never predicted; class 4: floor(0.5 * 1) = 0
     assert torch.allclose(thr[:3], torch.tensor([0.97, 0.9, 0.45], dtype=torch.float64))
-    assert torch.isinf(thr[3])
+    assert torch.isinf(thr[3]) and torch.isinf(thr[4])
     labels, selected = select_pseudo_labels(proba, 0.5)
-    assert selected.tolist() == [True, True, False, True, True, True, False]
+    assert selected.tolist() == [True, True, False, True, True, False, True, False, False]
     assert labels[selected].tolist() == [0, 0, 2, 2, 1]
     assert proba[3].argmax() == 0 and labels[3] == 2  # the normalisation flipped this label
 
 
-def test_cbst_runs_the_portion_schedule_within_the_step_budget(registry, monkeypatch):
-    """Rounds use p = min(p0 + r * step, max), and pre-training plus rounds
+def test_cbst_starts_from_the_source_model_and_relabels_with_the_current_model(registry, monkeypatch):
+    """No warm-up: the first labelling is the shared source model's prediction;
+    every round labels the target again with the *current* model (which has
+    moved since); p follows min(p0 + r * step, max); the learning rate is
+    lr / sqrt(2)^r in round r (the reference's solve_AO.py); and the rounds
     take exactly task.budget.steps SGD steps."""
     import dabench_plugins.cbst as cbst_mod
 
-    portions, lrs = [], []
-    real_select, real_set_lr = cbst_mod.select_pseudo_labels, cbst_mod.set_lr
+    portions, lrs, probas, steps_taken = [], [], [], []
+    real_select, real_set_lr, real_predict = cbst_mod.select_pseudo_labels, cbst_mod.set_lr, cbst_mod.predict_all
+    real_step = torch.optim.SGD.step
 
     def spy_select(proba, portion):
         portions.append(portion)
@@ -91,12 +99,43 @@ def test_cbst_runs_the_portion_schedule_within_the_step_budget(registry, monkeyp
         lrs.append(lr)
         return real_set_lr(opt, lr)
 
+    def spy_predict(enc, clf, X, *a):
+        out = real_predict(enc, clf, X, *a)
+        probas.append(out)
+        return out
+
+    def count_step(self, *a, **k):
+        steps_taken.append(1)
+        return real_step(self, *a, **k)
+
+    task, _ = make_task(registry, steps=40, source_lr=0.05)
     monkeypatch.setattr(cbst_mod, "select_pseudo_labels", spy_select)
     monkeypatch.setattr(cbst_mod, "set_lr", spy_lr)
-    task, _ = make_task(registry, steps=40)
-    registry.methods["cbst"](rounds=4, portion0=0.2, portion_step=0.15, portion_max=0.5).fit(task)
+    monkeypatch.setattr(cbst_mod, "predict_all", spy_predict)
+    monkeypatch.setattr(torch.optim.SGD, "step", count_step)
+    method = registry.methods["cbst"](rounds=4, portion0=0.2, portion_step=0.15, portion_max=0.5, lr=0.04)
+    with diagnostics.collect() as diag:
+        method.fit(task)
     assert np.allclose(portions, [0.2, 0.35, 0.5, 0.5])
-    assert len(lrs) == 40
+    assert np.allclose(lrs, [0.04 / np.sqrt(2) ** r for r in range(4)])
+    assert len(steps_taken) == 40
+    source = task.source_model.predictor().predict_proba(task.target_train.X)
+    assert np.allclose(probas[0].numpy(), source, atol=1e-5)  # round 0: the source model
+    assert len(probas) == 5  # one labelling per round, and the final one for pred_change
+    for a, b in zip(probas, probas[1:]):
+        assert not torch.allclose(a, b)  # the model that labels has moved between rounds
+    assert diag["pseudo_label_rate_q1"] < diag["pseudo_label_rate_q4"]
+
+
+def test_cbst_engages_on_a_small_pair(registry):
+    """With the default schedule (20 -> 50 % over 7 rounds) the selected fraction
+    grows, the pseudo-labels act and the predictions move."""
+    task, _ = make_task(registry, steps=140, batch_size=64, source_lr=0.05)
+    with diagnostics.collect() as diag:
+        registry.methods["cbst"]().fit(task)
+    assert 0.15 <= diag["pseudo_label_rate_q1"] <= 0.25 and 0.4 <= diag["pseudo_label_rate_q4"] <= 0.5
+    assert 0 < diag["pseudo_label_agreement"] <= 1
+    assert diag["pred_change"] > 0.01 and diag["engaged"] == 1.0
 
 
 # --------------------------------------------------------------------------
@@ -195,6 +234,119 @@ def test_self_ensembling_teacher_sees_its_own_view_and_tracks_the_student(regist
     assert not torch.allclose(pred.classifier.weight, student.classifier.weight)
 
 
+def test_unsupervised_loss_weights_the_class_balance_inside_the_unsupervised_term():
+    """As the reference's compute_aug_loss: L_cons + class_balance * L_bal * mean(mask),
+    the whole later multiplied by unsup_weight; a shut mask silences both terms."""
+    from dabench_plugins.self_ensembling import class_balance_loss, consistency_loss, unsupervised_loss
+
+    stu = torch.tensor([[0.5, 0.5], [0.2, 0.8], [0.6, 0.4]])
+    tea = torch.tensor([[0.99, 0.01], [0.6, 0.4], [0.0, 1.0]])
+    unsup, mask = unsupervised_loss(stu, tea, 0.96837722, 0.005)
+    cons, _ = consistency_loss(stu, tea, 0.96837722)
+    assert unsup.item() == pytest.approx(cons.item() + 0.005 * class_balance_loss(stu).item() * 2 / 3)
+    unsure = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
+    shut, mask0 = unsupervised_loss(stu, unsure, 0.96837722, 0.005)
+    assert mask0.sum() == 0 and shut.item() == 0.0
+
+
+def test_batch_norm_backbone_variants():
+    """Self-ensembling keeps per-domain batch statistics: a built-in backbone
+    without batch norm is replaced by its -bn variant; one with batch norm is
+    kept; an unknown one without is refused (skip, with the reason)."""
+    import functools
+
+    from dabench import backbones as bb
+    from dabench_plugins.self_ensembling import batch_norm_backbone
+
+    f, sub = batch_norm_backbone(bb.default_backbone, (2,))
+    assert sub and bb.has_batch_norm(f((2,))[0]) and bb.has_batch_norm(f((1, 28, 28))[0])
+    f, sub = batch_norm_backbone(bb.dann_mnist_backbone, (1, 28, 28))
+    assert sub and bb.has_batch_norm(f((1, 28, 28))[0])
+    keep = functools.partial(bb.mlp_backbone, norm=True)
+    assert batch_norm_backbone(keep, (2,)) == (keep, False)
+    wide = functools.partial(bb.mlp_backbone, hidden=16)
+    f, sub = batch_norm_backbone(wide, (2,))
+    assert sub and f((2,))[1] == 16 and bb.has_batch_norm(f((2,))[0])
+
+    def plain(shape):
+        return torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU()), 4
+
+    assert batch_norm_backbone(plain, (2,)) == (None, False)
+
+
+def test_self_ensembling_skips_a_backbone_without_batch_norm(registry):
+    import dataclasses
+
+    task, _ = make_task(registry, steps=2)
+
+    def plain(shape):
+        return torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU()), 4
+
+    cls = registry.methods["self-ensembling"]
+    assert cls.skip(task) is None  # the default backbone has a -bn variant
+    reason = cls.skip(dataclasses.replace(task, backbone=plain))
+    assert "batch normalisation" in reason and "default-bn" in reason
+
+
+def test_self_ensembling_follows_the_reference_training_step(registry, monkeypatch):
+    """From scratch (no source model), Adam at 1e-3; the student sees the source and
+    the target batch in separate forward passes (each normalised with its own
+    statistics); the teacher sees only its own target view, in training mode, so
+    its batch-norm running statistics are target statistics; bn_variant is recorded."""
+    import dabench_plugins.self_ensembling as se
+
+    adams = []
+    real_adam = torch.optim.Adam
+
+    def spy_adam(params, **kw):
+        adams.append(kw)
+        return real_adam(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "Adam", spy_adam)
+    views = []
+    real_call = se.Augment.__call__
+
+    def spy_aug(self, x):
+        out = real_call(self, x)
+        views.append(out)
+        return out
+
+    monkeypatch.setattr(se.Augment, "__call__", spy_aug)
+    batches, modes = [], []
+    real_forward = se.TeacherStudent.forward
+
+    def spy_forward(self, x):
+        batches.append((id(self), x))
+        modes.append(self.training)
+        return real_forward(self, x)
+
+    monkeypatch.setattr(se.TeacherStudent, "forward", spy_forward)
+    task, _ = make_task(registry, steps=3, batch_size=16)
+    assert task.source_model is None and "source_model" not in registry.methods["self-ensembling"].requires
+    with diagnostics.collect() as diag:
+        pred = registry.methods["self-ensembling"]().fit(task)
+    assert adams == [{"lr": 1e-3}]
+    student_id = batches[0][0]
+    teacher_id = next(i for i, _ in batches if i != student_id)
+    assert [len(x) for i, x in batches if i == student_id] == [16] * 6  # never a mixed 32-row batch
+    teacher_inputs = [x for i, x in batches if i == teacher_id]
+    assert all(torch.equal(t, views[3 * k + 2]) for k, t in enumerate(teacher_inputs))  # the teacher's target view
+    assert all(modes)
+    assert diag["bn_variant"] == 1.0
+    bn = [m for m in pred.encoders["target"].modules() if isinstance(m, torch.nn.BatchNorm1d)][0]
+    assert int(bn.num_batches_tracked) == 3  # the teacher's own three target batches
+
+
+def test_self_ensembling_mask_opens_and_engages(registry):
+    """On the moons the teacher becomes confident on the target: the confidence
+    mask opens over training (the consistency term acts) and engaged is 1."""
+    task, _ = make_task(registry, steps=300, batch_size=64)
+    with diagnostics.collect() as diag:
+        registry.methods["self-ensembling"]().fit(task)
+    assert diag["mask_rate_q1"] < diag["mask_rate_q4"]
+    assert diag["mask_rate_q4"] >= 0.1 and diag["engaged"] == 1.0
+
+
 # --------------------------------------------------------------------------
 # CAN
 # --------------------------------------------------------------------------
@@ -245,8 +397,8 @@ def test_cdd_is_lower_when_target_classes_align_with_source_classes():
 
 
 def test_can_trains_cdd_on_class_aware_batches(registry, monkeypatch):
-    """After warm-up, every step computes CDD on equal per-class source and
-    target blocks (m rows per class), and clustering runs once per loop."""
+    """No warm-up: every step computes CDD on equal per-class source and target
+    blocks (m rows per class), and clustering runs once per loop."""
     import dabench_plugins.can as can_mod
 
     seen, clusters = [], []
@@ -263,11 +415,53 @@ def test_can_trains_cdd_on_class_aware_batches(registry, monkeypatch):
 
     monkeypatch.setattr(can_mod, "cdd", spy_cdd)
     monkeypatch.setattr(can_mod.CAN, "cluster", spy_cluster)
-    task, _ = make_task(registry, steps=60)
-    registry.methods["can"](warmup=0.5, loops=3, dist_threshold=0.5).fit(task)
+    task, _ = make_task(registry, steps=30, source_lr=0.05)
+    registry.methods["can"](loops=3, dist_threshold=0.5).fit(task)
     assert len(clusters) == 3
     assert len(seen) == 30
     assert all(ns == nt == 2 * m and layers == 2 for ns, nt, m, layers in seen)
+
+
+def test_align_clusters_matches_final_centres_to_the_source_centres():
+    """The reference's align_centers: a cluster that ended nearest source class c
+    is labelled c, one-to-one, even when k-means permuted them."""
+    from dabench_plugins.can import align_clusters
+
+    init = torch.eye(4)
+    final = init[[2, 0, 3, 1]] + 0.1  # cluster 0 ended at class 2's centre, etc.
+    assert align_clusters(final, init).tolist() == [2, 0, 3, 1]
+
+
+def test_can_clusters_start_at_the_source_model_class_centres(registry, monkeypatch):
+    """The first clustering starts from the class centres of the *shared source
+    model's* source features (Kang et al. Sec. 3.3: cluster c starts as class c),
+    and its clusters agree with the source model's predictions as far as
+    nearest-centre assignment does."""
+    import dabench_plugins.can as can_mod
+    from dabench.training import stream_seed
+
+    inits = []
+    real_kmeans = can_mod.spherical_kmeans
+
+    def spy(feats, init, *a, **k):
+        inits.append(init.clone())
+        return real_kmeans(feats, init, *a, **k)
+
+    monkeypatch.setattr(can_mod, "spherical_kmeans", spy)
+    task, _ = make_task(registry, steps=20, source_lr=0.05)
+    with diagnostics.collect() as diag:
+        registry.methods["can"](loops=2).fit(task)
+    enc, _ = task.source_model.build("cpu")
+    Xs = torch.as_tensor(np.array(task.source_train.X))
+    n = min(len(Xs), can_mod.MAX_CENTRE_SAMPLES)
+    idx = torch.randperm(len(Xs), generator=torch.Generator().manual_seed(stream_seed(task.seed, 3)))[:n]
+    with torch.no_grad():
+        expected = can_mod.class_centres(enc.eval()(Xs[idx]), torch.as_tensor(task.source_train.y)[idx], 2)
+    assert len(inits) == 2
+    assert torch.allclose(inits[0], expected, atol=1e-5)
+    assert not torch.allclose(inits[1], expected, atol=1e-5)  # later loops: the adapted network's centres
+    assert 0.5 < diag["cluster_agreement_q1"] <= 1.0
+    assert 0 < diag["kept_fraction"] <= 1 and diag["cdd_active"] > 0 and diag["engaged"] == 1.0
 
 
 # --------------------------------------------------------------------------
@@ -278,7 +472,7 @@ def test_can_trains_cdd_on_class_aware_batches(registry, monkeypatch):
 @pytest.mark.parametrize("name,params", [("cbst", {}), ("self-ensembling", {}),
                                          ("can", {"dist_threshold": 0.5})])
 def test_seeded_fit_is_deterministic_on_cpu(registry, name, params):
-    task, split = make_task(registry, steps=40)
+    task, split = make_task(registry, steps=40, source_lr=0.05)
     X = split.target_test.X
     a = registry.methods[name](**params).fit(task).predict_proba(X)
     b = registry.methods[name](**params).fit(task).predict_proba(X)
@@ -287,7 +481,8 @@ def test_seeded_fit_is_deterministic_on_cpu(registry, name, params):
 
 def test_image_pair_runs_with_image_augmentation(registry):
     """The CNN path: digits (1x8x8) -> itself, two steps each."""
-    task, split = make_task(registry, "digits:digits", steps=4, batch_size=16, max_source=200, max_target=200)
+    task, split = make_task(registry, "digits:digits", steps=4, batch_size=16, max_source=200, max_target=200,
+                            source_lr=0.05)
     for name in ("cbst", "self-ensembling", "can"):
         p = registry.methods[name](**({"dist_threshold": 0.5} if name == "can" else {})).fit(task)
         proba = p.predict_proba(split.target_test.X[:5])

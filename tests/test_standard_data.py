@@ -54,6 +54,9 @@ def mirror(tmp_path, monkeypatch):
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     monkeypatch.setenv("DABENCH_MIRROR", f"http://127.0.0.1:{srv.server_port}")
+    # a plain-http mirror: files without a published hash need the explicit opt-in
+    # (test_http_mirror_is_refused_for_unhashed_files checks the refusal)
+    monkeypatch.setenv("DABENCH_ALLOW_HTTP", "1")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.delenv("DABENCH_DATA", raising=False)
     yield folder
@@ -373,11 +376,13 @@ def test_office31_folders_download_pin_and_load(mirror, monkeypatch, tmp_path, r
     assert [s.state for s in statuses] == ["pinned"]
     assert _sha(files["domain_adaptation_images.tar.gz"]) in (root / "office31" / "SHA256SUMS").read_text()
     X, y = registry.datasets["office31-webcam"].load(root)
-    assert X.shape == (62, 3, 224, 224)
+    # streamed: the loader lists the files, nothing is decoded until a batch asks
+    assert len(X) == 62 and X.item_shape == (3, 224, 224) and X.shape == (62, 3 * 224 * 224)
     assert np.bincount(y).tolist() == [2] * len(OFFICE31_CLASSES)
     for label in (0, 17, 30):  # the class folder decides the label: the fixture colours encode it
         i = int(np.flatnonzero(y == label)[0])
-        np.testing.assert_allclose(X[i, :, 100, 100] * 255, class_colour(label), atol=6)
+        pixels = X.images([i])[0]
+        np.testing.assert_allclose(pixels[:, 100, 100], class_colour(label), atol=6)
     # head protocol: the feature domain extracts once through the cache under <root>/features
     from dabench import image_backbones
 
@@ -396,6 +401,71 @@ def test_office31_folders_download_pin_and_load(mirror, monkeypatch, tmp_path, r
     with pytest.raises(DataError, match="pinned"):
         dl.verify("office31", root)
     assert not archive.exists()
+
+
+def _tiny_pretrained_backbone(shape):
+    """A stand-in for the ImageNet ResNet-50 on CPU: 8x average pooling, one
+    conv, global pooling (16-d), marked pretrained like the ResNets."""
+    import torch
+    from torch import nn
+
+    from dabench.backbones import _Unflatten, mark_pretrained
+
+    net = nn.Sequential(_Unflatten(tuple(shape)), nn.AvgPool2d(8), nn.Conv2d(shape[0], 16, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return mark_pretrained(net, "test stand-in for torchvision ResNet50_Weights.IMAGENET1K_V1"), 16
+
+
+def test_office31_suite_runs_end_to_end_on_a_fixture_folder(mirror, monkeypatch, tmp_path):
+    """suites/office31.toml's pipeline on an Office-31-layout fixture (CPU, a tiny
+    backbone in place of ResNet-50): streamed images, training batches augmented
+    (random resized crop + flip), the backbone at 0.1x the heads' learning rate."""
+    import dabench_plugins.dann as dann_plugin
+    from dabench.contract import Budget
+    from dabench.data.stream import ImageStream
+    from dabench.plugins import get_registry
+    from dabench.runner import Runner
+    from dabench.store import RunStore
+    from dabench.suite import parse_suite
+    from dabench.training import TensorBatches
+
+    root = tmp_path / "data"
+    publish(mirror, monkeypatch, "office31", office31_files(per_class=5), pin=False)
+    dl.download("office31", root)
+    registry = get_registry()
+    monkeypatch.setitem(registry.backbones, "resnet50", _tiny_pretrained_backbone)
+    suite = parse_suite(Path(__file__).resolve().parents[1] / "suites" / "office31.toml", registry, data_root=root)
+    assert suite.pairs[0].protocol.augment == "crop-flip" and suite.backbone == "resnet50"
+    suite = suite.restrict(methods=["dann"], pairs=["office31-amazon:office31-webcam"], seeds=1)
+    suite.pairs = [dataclasses.replace(p, budget=Budget(steps=4, batch_size=8)) for p in suite.pairs]
+    optimisers, streams = [], []
+
+    def recording_sgd(*args, **kwargs):
+        opt = dl_make_sgd(*args, **kwargs)
+        optimisers.append(opt)
+        return opt
+
+    class RecordingBatches(TensorBatches):
+        def __init__(self, X, *args, **kwargs):
+            super().__init__(X, *args, **kwargs)
+            streams.append((X, self.augment))
+
+    dl_make_sgd = dann_plugin.make_sgd
+    monkeypatch.setattr(dann_plugin, "make_sgd", recording_sgd)
+    monkeypatch.setattr(dann_plugin, "TensorBatches", RecordingBatches)
+    store = RunStore(tmp_path / "runs.sqlite")
+    summary = Runner(registry, store, data_root=root).run(suite)
+    assert summary.ok == 2 and summary.failed == 0, store.statuses()  # the lambda_max grid: 2 runs
+    # streamed domains, both batch streams augmented with the suite's transform
+    assert len(streams) == 4 and all(isinstance(X, ImageStream) and aug == "crop-flip" for X, aug in streams)
+    assert {len(X) for X, _ in streams} == {93, 62}  # 3 of 5 amazon images per class (60%), 2 of 5 webcam
+    # the optimiser: the backbone group at 0.1x the heads' learning rate, after the last annealing step
+    for opt in optimisers:
+        groups = {g["name"]: g for g in opt.param_groups}
+        assert groups["backbone"]["lr_mult"] == 0.1 and groups["heads"]["lr_mult"] == 1.0
+        assert groups["backbone"]["lr"] == pytest.approx(0.1 * groups["heads"]["lr"])
+        assert groups["heads"]["lr"] < 0.01  # annealed from the suite's lr = 0.01
+        assert len(groups["backbone"]["params"]) == 2  # the stand-in's one conv: weight and bias
 
 
 def test_officehome_zip_and_visda_lists(mirror, monkeypatch, tmp_path):
@@ -622,7 +692,7 @@ def test_pairs_may_override_the_backbone(registry, tmp_path):
         parse_suite(_suite(tmp_path, '{ pair = "svhn:mnist-full", backbone = "nope" }'), registry)
 
 
-@pytest.mark.parametrize("jobs", [None, "2"])
+@pytest.mark.parametrize("jobs", ["1", "2"])
 def test_run_with_missing_data_says_so_once_per_dataset_and_stores_nothing(tmp_path, jobs):
     """A suite whose data is absent: each dataset's message (file, place, the
     download command) once in the progress and once at the end, exit 1, and

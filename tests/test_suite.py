@@ -70,8 +70,91 @@ def test_restrict_filters_and_rejects_unknown(registry, tmp_path):
     s = parse_suite(write(tmp_path / "s.toml", TINY_SUITE), registry)
     r = s.restrict(methods=["dann"], seeds=1)
     assert [m.name for m in r.methods] == ["dann"] and r.seeds == [0]
-    with pytest.raises(SuiteError, match="not in this suite"):
+    with pytest.raises(SuiteError, match="'digits:mnist' is not a pair of this suite"):
         s.restrict(pairs=["digits:mnist"])
+    # a pair as progress lines and reports print it is accepted
+    assert [p.name for p in s.restrict(pairs=["moons→moons-rot35"]).pairs] == ["moons:moons-rot35"]
+
+
+# ------------------------------------------------------------------ typos
+
+TYPOS = {
+    # suite text edit, key in the message, the suggestion it must make
+    "method": (TINY_SUITE.replace("[methods.dann]", "[methods.dnn]"), "methods.dnn", "did you mean 'dann'?"),
+    "dataset": (TINY_SUITE.replace("moons-rot35", "moons-rot53"), "pairs[0]", "did you mean 'moons-rot35'?"),
+    "validator": (TINY_SUITE.replace('name = "tiny"', 'name = "tiny"\nvalidator = "entropi"'), "validator",
+                  "did you mean 'entropy'?"),
+    "hyperparameter": (TINY_SUITE + "params = { lamda_max = 1.0 }\n", "methods.dann.params.lamda_max",
+                       "did you mean 'lambda_max'?"),
+    "key": (TINY_SUITE.replace("seeds = 2", "seed = 2"), "seed", "did you mean 'seeds'?"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TYPOS))
+def test_a_typo_in_a_suite_names_the_closest_name(registry, tmp_path, case):
+    text, key, hint = TYPOS[case]
+    with pytest.raises(SuiteError) as ei:
+        parse_suite(write(tmp_path / "s.toml", text), registry)
+    assert ei.value.key == key and hint in str(ei.value), str(ei.value)
+
+
+def test_a_method_of_an_unavailable_plugin_says_why(registry, tmp_path):
+    from dataclasses import replace
+
+    from dabench.plugins import Unavailable
+
+    reg = replace(registry, unavailable=[Unavailable("extra", "method", "fancy", "needs fancylib: pip install fancylib")])
+    with pytest.raises(SuiteError, match="method 'fancy' is unavailable here: needs fancylib"):
+        parse_suite(write(tmp_path / "s.toml", TINY_SUITE + "[methods.fancy]\n"), reg)
+    reg = replace(registry, unavailable=[Unavailable("extra", "plugin", "extra", "extralib not installed")])
+    with pytest.raises(SuiteError, match=r"unavailable here: plugin 'extra'; `dabench list plugins` says why"):
+        parse_suite(write(tmp_path / "s.toml", TINY_SUITE + "[methods.fancy]\n"), reg)
+
+
+@pytest.mark.parametrize("args, hint", [
+    (["--methods", "dnn"], "did you mean 'dann'?"),
+    (["--methods", "dann,sorce-only"], "did you mean 'source-only'?"),
+    (["--pairs", "moons:moons-rot53"], "did you mean 'moons:moons-rot35'?"),
+])
+def test_cli_filter_typos_are_refused_before_plugins_load(tmp_path, args, hint):
+    """--methods/--pairs are checked against the suite file itself: exit 2
+    with the closest names, and neither torch, NumPy nor any plugin is
+    imported (what makes the refusal take a fraction of a second)."""
+    import subprocess
+    import sys
+
+    suite = write(tmp_path / "s.toml", TINY_SUITE)
+    code = ("import sys; from dabench.cli import main; rc = main(sys.argv[1:]); "
+            "loaded = sorted(m for m in ('torch', 'numpy', 'pandas', 'pluggy', 'dabench.plugins') if m in sys.modules); "
+            "print('LOADED', loaded, file=sys.stderr); sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, "run", str(suite), "--results", str(tmp_path / "r"), *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert hint in r.stderr and str(suite) in r.stderr
+    assert "LOADED []" in r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args, hint", [
+    (["rnu"], "did you mean 'run'?"),
+    (["list", "metods"], "did you mean 'methods'?"),
+    (["leaderboard", "x", "--format", "htm"], "did you mean 'html'?"),
+    (["run", "s.toml", "--mehtods", "dann"], "did you mean '--methods'"),
+    (["run", "s.toml", "--device", "gpu"], "did you mean 'cuda'?"),
+])
+def test_cli_argument_typos_name_the_closest_choice(args, hint, capsys):
+    from dabench.cli import main
+
+    with pytest.raises(SystemExit) as ei:
+        main(args)
+    assert ei.value.code == 2
+    assert hint in capsys.readouterr().err
+
+
+def test_a_missing_suite_file_names_the_closest_one(tmp_path):
+    write(tmp_path / "suites" / "quick.toml", TINY_SUITE)
+    r = run_cli("run", "suites/quik.toml", cwd=tmp_path)
+    assert r.returncode == 2 and "no such suite file; did you mean 'suites/quick.toml'?" in r.stderr
 
 
 def test_repository_suites_are_valid(registry):

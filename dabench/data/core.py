@@ -41,7 +41,9 @@ class DomainSpec:
 
     ``load(data_root)`` returns ``(X, y)``: ``X`` float32 of shape
     ``(n, *shape)`` (images scaled to [0, 1], channels first), ``y`` int64 in
-    ``[0, n_classes)``.  ``base`` names the dataset the samples derive from
+    ``[0, n_classes)``; for a ``streamed`` domain ``X`` is an
+    :class:`~dabench.data.stream.ImageStream` over the image files
+    (``shape`` is then its ``(3, H, W)`` network input).  ``base`` names the dataset the samples derive from
     (``"mnist"`` for MNIST-M) so pairs sharing a base get disjoint samples;
     a derived domain must have as many samples as its base, sample ``i``
     derived from base sample ``i``.
@@ -64,6 +66,11 @@ class DomainSpec:
     #: data is computed again; None for data that is fixed by its name
     #: (embedded and checksummed standard datasets)
     fingerprint: str | None = None
+    #: images decoded lazily from files (``load`` returns an ImageStream)
+    streamed: bool = False
+    #: the class names of labels 0..n_classes-1 when known (image folders,
+    #: the standard datasets); a pair's two domains must agree on them
+    classes: tuple[str, ...] | None = None
 
     @property
     def is_image(self) -> bool:
@@ -89,6 +96,21 @@ class Protocol:
     #: target domain is standardised with its own *unlabelled* train split);
     #: ``"none"`` leaves inputs as loaded.  No target labels are used.
     standardize: str = "source"
+    #: how the smaller images of a pair reach the shared shape (``"shared"``
+    #: feature space): ``"bilinear"`` (default) rescales them; ``"pad"``
+    #: zero-pads them, centred, at their own scale (e.g. MNIST 28x28 -> 32x32
+    #: for MNIST-M, whose 32x32 images hold the 28x28 digit padded by 2).
+    #: Grey images are repeated to the larger channel count either way.
+    resize: str = "bilinear"
+    #: training augmentation of *streamed image* domains, applied per batch
+    #: (``dabench.data.stream.AUGMENTATIONS``): "none", "crop-flip" (random
+    #: resized crop + horizontal flip, TLlib's Office recipe) or
+    #: "center-flip" (centre crop + flip, TLlib's VisDA recipe); predictions
+    #: always use the deterministic test transform
+    augment: str = "none"
+    #: mixed precision on CUDA: bf16 autocast around training and prediction
+    #: (and channels-last convolutions); no effect on CPU
+    amp: bool = False
 
     def as_dict(self) -> dict:
         """The protocol as stored with each run (part of the run key).
@@ -105,6 +127,13 @@ class Protocol:
         if self.training != "end-to-end":
             d["training"] = self.training
         d["standardize"] = self.standardize
+        if self.resize != "bilinear":
+            d["resize"] = self.resize
+        # like ``training``: only when set, so older run keys stay valid
+        if self.augment != "none":
+            d["augment"] = self.augment
+        if self.amp:
+            d["amp"] = True
         return d
 
 
@@ -186,9 +215,11 @@ def _cap(n: int, cap: int | None, rng: np.random.Generator) -> np.ndarray:
     return idx
 
 
-def resize_images(X: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+def resize_images(X: np.ndarray, shape: tuple[int, int, int], mode: str = "bilinear") -> np.ndarray:
     """Resize ``(n, c, h, w)`` images to ``shape`` = (C, H, W): bilinear
-    (antialiased when shrinking) and grey-to-colour by channel repetition."""
+    (antialiased when shrinking), or with ``mode="pad"`` zero-padded, centred
+    (never shrunk: a larger image is an error), and grey-to-colour by channel
+    repetition."""
     import torch
     import torch.nn.functional as F
 
@@ -197,7 +228,12 @@ def resize_images(X: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     if c not in (1, C):
         raise DataError(f"cannot map {c}-channel images to {C} channels")
     out = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
-    if (h, w) != (H, W):
+    if (h, w) != (H, W) and mode == "pad":
+        if h > H or w > W:
+            raise DataError(f"cannot pad {h}x{w} images to {H}x{W}: they are larger")
+        top, left = (H - h) // 2, (W - w) // 2
+        out = F.pad(out, (left, W - w - left, top, H - h - top))
+    elif (h, w) != (H, W):
         out = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False, antialias=(H < h or W < w))
     if c != C:
         out = out.repeat(1, C, 1, 1)
@@ -218,6 +254,21 @@ def common_shape(a: tuple[int, ...], b: tuple[int, ...], where: str) -> tuple[in
 
 def check_domain_arrays(spec: DomainSpec, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Validate what a dataset plugin's ``load`` returned; DataError names the dataset."""
+    from .stream import is_stream
+
+    if spec.streamed != is_stream(X):
+        raise DataError(f"dataset {spec.name!r}: load() returned {'an ImageStream' if is_stream(X) else 'arrays'} "
+                        f"but the domain is declared streamed={spec.streamed}")
+    if is_stream(X):
+        y = np.asarray(y)
+        if tuple(X.item_shape) != tuple(spec.shape):
+            raise DataError(f"dataset {spec.name!r}: load() returned images of shape {X.item_shape}, "
+                            f"declared {tuple(spec.shape)}")
+        if y.shape != (len(X),):
+            raise DataError(f"dataset {spec.name!r}: load() returned {len(X)} images but labels of shape {y.shape}")
+        if not np.issubdtype(y.dtype, np.integer) or (len(y) and (y.min() < 0 or y.max() >= spec.n_classes)):
+            raise DataError(f"dataset {spec.name!r}: labels must be integers in [0, {spec.n_classes})")
+        return X, y.astype(np.int64)
     X = np.asarray(X, dtype=np.float32)
     y = np.asarray(y)
     if X.shape[1:] != tuple(spec.shape):
@@ -247,9 +298,15 @@ def make_split(
             f"({source.n_classes} classes) but {target.name!r} has {target.label_space!r} "
             f"({target.n_classes} classes); a pair needs one label space"
         )
+    from .stream import is_stream
+
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xDA]))
     Xs, ys = src_data
     Xt, yt = tgt_data
+    streamed = is_stream(Xs)
+    if streamed != is_stream(Xt):
+        raise DataError(f"pair {name!r}: one domain is streamed from image files and the other is in-memory "
+                        f"arrays; pair streamed image domains with each other")
     s_idx = np.arange(len(ys))
     t_idx = np.arange(len(yt))
     if (source.base or source.name) == (target.base or target.name):
@@ -271,14 +328,20 @@ def make_split(
     s_shape, t_shape = tuple(source.shape), tuple(target.shape)
     if protocol.feature_space == "shared" and s_shape != t_shape:
         shape = common_shape(s_shape, t_shape, f"pair {name!r}")
-        if s_shape != shape:
-            Xs = resize_images(Xs, shape)
-        if t_shape != shape:
-            Xt = resize_images(Xt, shape)
+        if streamed:  # decoded at the common size: nothing to resize here
+            Xs, Xt = Xs.with_options(size=shape[1:]), Xt.with_options(size=shape[1:])
+        else:
+            if s_shape != shape:
+                Xs = resize_images(Xs, shape, protocol.resize)
+            if t_shape != shape:
+                Xt = resize_images(Xt, shape, protocol.resize)
         s_shape = t_shape = shape
 
-    Xs = Xs.reshape(len(Xs), -1)
-    Xt = Xt.reshape(len(Xt), -1)
+    if streamed:  # rows are flattened images already; the protocol picks the training transform
+        Xs, Xt = Xs.with_options(augment=protocol.augment), Xt.with_options(augment=protocol.augment)
+    else:
+        Xs = Xs.reshape(len(Xs), -1)
+        Xt = Xt.reshape(len(Xt), -1)
     s_tr, s_va, s_te = _stratified_parts(ys, [0.6, 0.2, 0.2], rng)
     t_tr, t_te = _stratified_parts(yt, [0.5, 0.5], rng)
     if protocol.standardize == "source":

@@ -39,6 +39,18 @@ A mirror (``DABENCH_MIRROR=https://host/path``) replaces every upstream URL,
 manual datasets included, by ``<mirror>/<dataset>/<file>``; the files are
 checked exactly as upstream downloads are.
 
+Plain ``http://`` is refused for a file that has neither an upstream hash
+nor a local pin (its first download would be pinned, trusting whatever the
+network delivered), from a mirror or upstream alike, unless the user says so
+explicitly: ``DABENCH_ALLOW_HTTP=1`` (or ``dabench data download --allow-http``).
+Files with a hash or a pin are checked against it, so ``http://`` is safe
+for them.  Upstream URLs are https where the host serves it.
+
+Archives never write dabench's own bookkeeping: a member named
+``SHA256SUMS`` or like an extraction marker (``.<archive>.extracted``) at the
+top of an archive is skipped with a warning, so an archive cannot re-pin
+other files or fake an extraction.
+
 Downloads use pooch (imported lazily; ``pip install pooch``).  Progress goes
 to pooch's progress bar when ``tqdm`` is installed and the caller asks for it,
 and to logging otherwise; this module never prints.
@@ -59,6 +71,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from ..atomic import atomic_write_text, unique_tmp
 from .core import DataError
 
 log = logging.getLogger("dabench.data")
@@ -70,6 +83,8 @@ ENV_VAR = "DABENCH_DATA"
 #: still checked against the registry (or the local pins): a mirror cannot
 #: change what is accepted.
 MIRROR_VAR = "DABENCH_MIRROR"
+#: ``1`` accepts plain-http downloads of files without any hash or pin (see the module docstring)
+ALLOW_HTTP_VAR = "DABENCH_ALLOW_HTTP"
 PINS_FILE = "SHA256SUMS"
 
 __all__ = [
@@ -194,10 +209,12 @@ _add(Dataset(
     name="svhn",
     title="SVHN cropped digits (format 2 .mat files)",
     files=(
-        RemoteFile("train_32x32.mat", ("http://ufldl.stanford.edu/housenumbers/train_32x32.mat",),
+        RemoteFile("train_32x32.mat", ("https://ufldl.stanford.edu/housenumbers/train_32x32.mat",
+                                       "http://ufldl.stanford.edu/housenumbers/train_32x32.mat"),
                    sha256="435e94d69a87fde4fd4d7f3dd208dfc32cb6ae8af2240d066de1df7508d083b8", size=182040794,
                    hash_source=_TFDS.format("svhn_cropped.txt"), kind="mat"),
-        RemoteFile("test_32x32.mat", ("http://ufldl.stanford.edu/housenumbers/test_32x32.mat",),
+        RemoteFile("test_32x32.mat", ("https://ufldl.stanford.edu/housenumbers/test_32x32.mat",
+                                      "http://ufldl.stanford.edu/housenumbers/test_32x32.mat"),
                    sha256="cdce80dfb2a2c4c6160906d0bd7c68ec5a99d7ca4831afa54f09182025b6a75b", size=64275384,
                    hash_source=_TFDS.format("svhn_cropped.txt"), kind="mat"),
     ),
@@ -267,8 +284,11 @@ _add(Dataset(
     name="visda2017",
     title="VisDA-2017 classification (synthetic train, real validation)",
     files=(
-        RemoteFile("train.tar", ("http://csr.bu.edu/ftp/visda17/clf/train.tar",), kind="tar", extract=True),
-        RemoteFile("validation.tar", ("http://csr.bu.edu/ftp/visda17/clf/validation.tar",), kind="tar", extract=True),
+        # no published hash: the https URL first; the plain-http one only with DABENCH_ALLOW_HTTP=1
+        RemoteFile("train.tar", ("https://csr.bu.edu/ftp/visda17/clf/train.tar",
+                                 "http://csr.bu.edu/ftp/visda17/clf/train.tar"), kind="tar", extract=True),
+        RemoteFile("validation.tar", ("https://csr.bu.edu/ftp/visda17/clf/validation.tar",
+                                      "http://csr.bu.edu/ftp/visda17/clf/validation.tar"), kind="tar", extract=True),
     ),
     homepage="https://github.com/VisionLearningGroup/taskcv-2017-public/tree/master/classification",
     licence="research use (VisDA challenge terms; the synthetic part renders ShapeNet models)",
@@ -314,10 +334,32 @@ _add(Dataset(
 ))
 
 
+_add(Dataset(
+    name="office-caltech10-images",
+    title="Office-Caltech10 images (the 10 classes shared by Office-31 and Caltech-256)",
+    files=(RemoteFile("officecaltech.tgz", ("https://cloud.tsinghua.edu.cn/f/e93f2e07d93243d6b57e/?dl=1",),
+                      kind="tar", extract=True),),
+    homepage="https://github.com/thuml/Transfer-Learning-Library (tllib/vision/datasets/officecaltech.py)",
+    licence="research use; images of Office-31 (Saenko et al.) and Caltech-256 (Griffin et al.)",
+    citation="Gong et al., Geodesic flow kernel for unsupervised domain adaptation, CVPR 2012",
+    domains=("oc10-amazon", "oc10-caltech", "oc10-dslr", "oc10-webcam"),
+    notes="The archive TLlib's OfficeCaltech loader downloads (no upstream hash: pinned on first use).  It "
+          "extracts to {amazon,caltech,dslr,webcam}/<class>/*.jpg (an extra images/ level is also read) with "
+          "TLlib's class names back_pack, bike, calculator, headphones, keyboard, laptop_computer, monitor, "
+          "mouse, mug, projector.  Layout taken from TLlib's loader; not checked against the archive when "
+          "this entry was written (no network to that host).",
+))
+
+
 def mirror() -> str | None:
     """The mirror base URL from ``DABENCH_MIRROR``, or None."""
     m = os.environ.get(MIRROR_VAR, "").strip()
     return m.rstrip("/") if m else None
+
+
+def http_allowed() -> bool:
+    """Whether the user accepts plain-http downloads of unhashed, unpinned files."""
+    return os.environ.get(ALLOW_HTTP_VAR, "").strip().lower() in ("1", "true", "yes")
 
 
 def file_urls(ds: Dataset, f: RemoteFile) -> tuple[str, ...]:
@@ -435,7 +477,7 @@ def _write_pin(folder: Path, name: str, sha: str) -> None:
         return
     pins[name] = sha
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{PINS_FILE}.tmp"
+    tmp = unique_tmp(folder / PINS_FILE)
     header = ("# sha256 of files without a published upstream hash, recorded by dabench on first download\n"
               "# (trust on first use) or written by you from a trusted source; `dabench data verify` checks them\n")
     tmp.write_text(header + "".join(f"{v}  {k}\n" for k, v in sorted(pins.items())), encoding="utf-8")
@@ -653,6 +695,13 @@ def _fetch(ds: Dataset, f: RemoteFile, root: DataRoot, progress: bool) -> FileSt
         progressbar = importlib.util.find_spec("tqdm") is not None
     errors: list[str] = []
     for url in file_urls(ds, f):
+        if known is None and url.lower().startswith("http://") and not http_allowed():
+            errors.append(
+                f"{url}: refused: plain http for a file with no published hash and no local pin (anyone on the "
+                f"network path could swap it, and the copy would be pinned as genuine); use an https mirror, or "
+                f"pin its sha256 from a trusted source in {folder / PINS_FILE} first, or accept the risk with "
+                f"{ALLOW_HTTP_VAR}=1 (dabench data download --allow-http)")
+            continue
         log.info("downloading %s from %s to %s", f.name, url, folder)
         try:
             pooch.retrieve(url, known_hash=known, fname=f.name, path=folder, progressbar=progressbar)
@@ -727,6 +776,13 @@ def download(name: str, data_root: str | os.PathLike | DataRoot | None = None, *
 # --------------------------------------------------------------------------
 
 
+def _bookkeeping(name: str) -> bool:
+    """Names in a dataset folder that only dabench may write: the pins, the
+    extraction markers and the temporary extraction folders."""
+    return (name == PINS_FILE or name.startswith(f".{PINS_FILE}") or
+            (name.startswith(".") and name.endswith(".extracted")) or name.startswith(".extract-"))
+
+
 def _marker(folder: Path, f: RemoteFile) -> Path:
     return folder / f".{f.name}.extracted"
 
@@ -769,6 +825,14 @@ def _extract(folder: Path, f: RemoteFile, archive: Path, sha: str) -> None:
                         f"truncated; delete it and download it again") from exc
     n = 0
     for entry in sorted(tmp.iterdir()):
+        if _bookkeeping(entry.name):
+            log.warning("%s: skipped the archive member %s: that name is dabench's own bookkeeping (pins, "
+                        "extraction markers), which an archive may not write", archive, entry.name)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            continue
         dest = folder / entry.name
         if dest.is_dir() and not dest.is_symlink():
             shutil.rmtree(dest)
@@ -777,8 +841,8 @@ def _extract(folder: Path, f: RemoteFile, archive: Path, sha: str) -> None:
         os.replace(entry, dest)
         n += 1
     tmp.rmdir()
-    marker.write_text(json.dumps({"archive": f.name, "sha256": sha, "entries": n,
-                                  "extracted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}), encoding="utf-8")
+    atomic_write_text(marker, json.dumps({"archive": f.name, "sha256": sha, "entries": n,
+                                          "extracted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
 
 
 # --------------------------------------------------------------------------
@@ -893,12 +957,17 @@ def summarize(data_root: str | os.PathLike | DataRoot | None = None) -> list[Dat
                       or (f.extract and _marker(folder, f).is_file()))
         n_up = sum(1 for f in ds.files if f.sha256 or f.md5)
         n_pin = sum(1 for f in ds.files if not (f.sha256 or f.md5) and f.name in pins)
+        rest = len(ds.files) - n_up  # files without a published hash: pinned (sha256) on first download
         if n_up == len(ds.files):
             algos = {"sha256" if f.sha256 else "md5" for f in ds.files}
             hashes = f"upstream {'+'.join(sorted(algos))}"
-        elif n_up:
-            hashes = f"upstream for {n_up}/{len(ds.files)}"
         else:
-            hashes = "none upstream" + (f"; {n_pin} pinned locally" if n_pin else "")
+            hashes = f"upstream for {n_up}/{len(ds.files)}" if n_up else "none upstream"
+            if n_pin == rest:
+                hashes += ", pinned here"
+            elif n_pin:
+                hashes += f", {n_pin}/{rest} pinned here, the rest on first download"
+            else:
+                hashes += ", pinned on first download"
         out.append(DatasetState(ds, present, len(ds.files), hashes, folder))
     return out

@@ -14,10 +14,13 @@ run store keys runs:
 - an entry is ``<cache>/<domain>@<extractor>/<key>.npz`` (``X`` float32,
   ``y`` int64) plus ``<key>.json``, a manifest holding the key, the fields
   it hashes, the shapes and the sha256 of the ``.npz`` bytes, written last
-  (atomically) so a half-written entry has no manifest;
+  so a half-written entry has no manifest; both are written through
+  temporary names unique to the writer and renamed atomically, so several
+  processes (``--jobs``, or two ``dabench run``) may write one entry at once;
 - on use the manifest must exist, carry the same key and the same ``.npz``
   sha256, and the arrays must have the recorded shapes; otherwise the entry
-  is **rebuilt** (and the broken files removed), never silently used.
+  is **rebuilt** (the new files replace the broken ones), never silently
+  used.  Readers never delete (a writer may be between its two renames).
   Entries of the same domain and extractor with another key are stale
   (images or extractor changed) and are removed when a new entry is written.
 """
@@ -35,6 +38,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from ..atomic import atomic_path, atomic_write_text
 from .core import DataError
 
 log = logging.getLogger("dabench.data")
@@ -147,8 +151,8 @@ def read_entry(cache_dir: Path, domain: str, extractor: FeatureExtractor, key: s
         if X is not None and (X.shape != (n, extractor.out_dim) or y.shape != (n,) or X.dtype != np.float32):
             why = f"its arrays have shapes {X.shape}/{y.shape}, expected ({n}, {extractor.out_dim})/({n},)"
     if why is not None:
-        log.warning("feature cache entry %s is corrupt (%s); it is removed and rebuilt", npz, why)
-        _remove(npz, manifest)
+        # not removed here: another process may be writing this entry right now; the rebuild replaces it
+        log.warning("feature cache entry %s is unusable (%s); it is rebuilt", npz, why)
         return None
     return X, y
 
@@ -158,16 +162,14 @@ def write_entry(cache_dir: Path, domain: str, extractor: FeatureExtractor, key: 
     npz, manifest = _entry_paths(cache_dir, domain, extractor, key)
     npz.parent.mkdir(parents=True, exist_ok=True)
     for old in npz.parent.glob("*.json"):  # stale entries: other images or another extractor version
-        if old.stem != key:
+        if old.stem != key and not old.name.startswith("."):  # (hidden: another writer's temporary file)
             log.info("removing stale feature cache entry %s", old.with_suffix(".npz"))
             _remove(old, old.with_suffix(".npz"))
-    tmp = npz.with_name(f".{key}.tmp.npz")
-    np.savez(tmp, X=X, y=y)
-    os.replace(tmp, npz)
-    meta = {"key": key, "fields": fields, "sha256": _sha256_file(npz), "shape": list(X.shape)}
-    tmpm = manifest.with_name(f".{key}.json.tmp")
-    tmpm.write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmpm, manifest)
+    with atomic_path(npz) as tmp:
+        np.savez(tmp, X=X, y=y)
+        sha = _sha256_file(tmp)
+    meta = {"key": key, "fields": fields, "sha256": sha, "shape": list(X.shape)}
+    atomic_write_text(manifest, json.dumps(meta, indent=1, sort_keys=True))
     return npz
 
 

@@ -42,15 +42,24 @@ literature:
   ``validation.tar`` (real photos) → ``{train,validation}/image_list.txt``
   with one ``relative/path.jpg label`` line per image; synthetic → real.
 
-  Office and VisDA images decode with Pillow.  The raw Office domains
-  (end-to-end protocol) are images resized to 3×224×224 (bilinear; the
-  published pipelines' random crops and flips are not applied: the host
-  hands methods fixed arrays).  VisDA is only offered as features (280,000
-  images do not fit in memory as float arrays).  Every image dataset is
+- **Office-Caltech10 images** [``office-caltech10``]: TLlib's
+  ``officecaltech.tgz`` → ``{amazon,caltech,dslr,webcam}/<class>/*.jpg``
+  (10 classes); domains ``oc10-amazon``, ``oc10-caltech``, ``oc10-dslr``,
+  ``oc10-webcam``; all 12 pairs.
+
+  Office, VisDA and Office-Caltech10 images are **streamed** end to end:
+  ``load`` lists the files and returns an
+  :class:`~dabench.data.stream.ImageStream`; each training or prediction
+  batch is decoded by loader workers (Pillow) at 3×224×224 after a 256×256
+  resize (TLlib's transforms; the training augmentation is the suite's
+  ``[protocol] augment``), so no domain is ever held in memory as arrays
+  (VisDA's 207,000 images would take about 30 GB).  Every image dataset but
+  Office-Caltech10 (which has its published SURF/DeCAF features below) is
   also offered as cached backbone features for the **head protocol**:
   ``<domain>@resnet50`` and ``<domain>@resnet101`` (2048-d, ImageNet
   weights through torchvision, extracted once per dataset × backbone ×
-  preprocessing and cached on disk; see :mod:`dabench.data.features`).
+  preprocessing through the same loader, and cached on disk; see
+  :mod:`dabench.data.features`).
 
 - **Amazon reviews** [``sentiment2``]: the Multi-Domain Sentiment Dataset's
   ``processed_acl.tar.gz`` (Blitzer et al. 2007) →
@@ -125,6 +134,9 @@ OFFICEHOME_CLASSES = (
     "Radio", "Refrigerator", "Ruler", "Scissors", "Screwdriver", "Shelf", "Sink", "Sneakers", "Soda",
     "Speaker", "Spoon", "TV", "Table", "Telephone", "ToothBrush", "Toys", "Trash_Can", "Webcam",
 )
+#: Office-Caltech10: the 10 classes Office-31 shares with Caltech-256 (Gong et al. 2012), TLlib's names.
+OC10_CLASSES = ("back_pack", "bike", "calculator", "headphones", "keyboard", "laptop_computer", "monitor", "mouse",
+                "mug", "projector")
 VISDA_CLASSES = ("aeroplane", "bicycle", "bus", "car", "horse", "knife", "motorcycle", "person", "plant",
                  "skateboard", "train", "truck")
 AMAZON_DOMAINS = ("books", "dvd", "electronics", "kitchen")
@@ -290,10 +302,10 @@ class ImageDomain:
     def items(self, data_root: Path | str | None = None) -> list[tuple[Path, int]]:
         """``(image path, label)`` for every image, in a stable order."""
         root = require_extracted(self.dataset, self.archive, data_root, probe=self.probe)
-        base = root / self.folder
-        for alt in self.alternatives:
-            if not base.is_dir() and (root / alt).is_dir():
-                base = root / alt
+        # the first candidate folder that holds the list file or a class folder
+        candidates = [root / self.folder] + [root / alt for alt in self.alternatives]
+        base = next((c for c in candidates if (c / self.list_file).is_file()), candidates[0]) if self.list_file \
+            else next((c for c in candidates if any((c / k).is_dir() for k in self.classes)), candidates[0])
         if self.list_file:
             return _read_image_list(base, self.list_file, len(self.classes))
         return _scan_class_folders(base, self.classes, self.name)
@@ -373,10 +385,18 @@ def load_images(items: Sequence[tuple[Path, int]], shape: tuple[int, int, int] =
 
 
 def image_batches(items: Sequence[tuple[Path, int]], batch: int, resize: int = 256,
-                  crop: int = 224) -> Iterator[np.ndarray]:
-    """uint8 ``(b, 3, crop, crop)`` batches for feature extraction (resize + centre crop)."""
-    for i in range(0, len(items), batch):
-        yield np.stack([decode_image(p, (resize, resize), crop=crop) for p, _ in items[i:i + batch]])
+                  crop: int = 224, device: str | None = None) -> Iterator[np.ndarray]:
+    """uint8 ``(b, 3, crop, crop)`` batches for feature extraction (shorter
+    side resized to ``resize``, centre crop), decoded in loader worker
+    processes through the streamed-domain path
+    (:func:`dabench.data.stream.stream_batches`), in order."""
+    from .stream import ImageStream, sequential_specs, stream_batches
+
+    if not items:
+        return
+    stream = ImageStream.from_paths("feature extraction", [p for p, _ in items], (crop, crop), (crop, crop))
+    for xb, _ in stream_batches(stream, sequential_specs(len(items), batch), extract=(resize, crop), raw=True):
+        yield xb.numpy()
 
 
 IMAGE_DOMAINS: dict[str, ImageDomain] = {}
@@ -392,14 +412,35 @@ IMAGE_DOMAINS["visda-synthetic"] = ImageDomain("visda-synthetic", "visda2017", "
                                                VISDA_CLASSES, "train", "image_list.txt")
 IMAGE_DOMAINS["visda-real"] = ImageDomain("visda-real", "visda2017", "validation.tar", "validation/image_list.txt",
                                           VISDA_CLASSES, "validation", "image_list.txt")
-RAW_IMAGE_DOMAINS = tuple(n for n in IMAGE_DOMAINS if not n.startswith("visda"))
+for _d in ("amazon", "caltech", "dslr", "webcam"):
+    IMAGE_DOMAINS[f"oc10-{_d}"] = ImageDomain(
+        f"oc10-{_d}", "office-caltech10-images", "officecaltech.tgz", f"{_d}/*", OC10_CLASSES, _d,
+        alternatives=(f"{_d}/images", f"office_caltech_10/{_d}", f"officecaltech/{_d}"))
+#: Image domains offered end to end (streamed: decoded per batch, never held in memory).
+RAW_IMAGE_DOMAINS = tuple(IMAGE_DOMAINS)
+#: The label space of each image dataset.
+IMAGE_LABEL_SPACES = {"office31": "office31", "officehome": "officehome65", "visda2017": "visda12",
+                      "office-caltech10-images": "office-caltech10"}
 
 
-def _raw_loader(domain: ImageDomain) -> Callable[[Path | None], tuple[np.ndarray, np.ndarray]]:
-    def load(data_root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-        return load_images(domain.items(data_root), IMAGE_SHAPE)
+@dataclass(frozen=True)
+class StreamedImageLoader:
+    """Loads a standard image domain end to end as an
+    :class:`~dabench.data.stream.ImageStream` (decoded lazily, per batch, at
+    ``IMAGE_SHAPE`` after a 256x256 resize: TLlib's transforms)."""
 
-    return load
+    domain: ImageDomain
+
+    def __call__(self, data_root: Path | None = None) -> tuple[object, np.ndarray]:
+        from .stream import ImageStream
+
+        items = self.domain.items(data_root)
+        stream = ImageStream.from_paths(self.domain.name, [p for p, _ in items], IMAGE_SHAPE[1:])
+        return stream, np.asarray([lbl for _, lbl in items], dtype=np.int64)
+
+
+def _raw_loader(domain: ImageDomain) -> StreamedImageLoader:
+    return StreamedImageLoader(domain)
 
 
 def _feature_loader(domain: ImageDomain, backbone: str) -> Callable[[Path | None], tuple[np.ndarray, np.ndarray]]:
@@ -529,11 +570,14 @@ def domains() -> list[DomainSpec]:
                    source="Ganin & Lempitsky 2015"),
     ]
     for name, dom in IMAGE_DOMAINS.items():
-        label_space = {"office31": "office31", "officehome": "officehome65", "visda2017": "visda12"}[dom.dataset]
+        label_space = IMAGE_LABEL_SPACES[dom.dataset]
         if name in RAW_IMAGE_DOMAINS:
             out.append(DomainSpec(name, label_space, len(dom.classes), IMAGE_SHAPE, _raw_loader(dom),
-                                  description=f"{name} images, 224x224 (end-to-end; `dabench data download {dom.dataset}`)",
-                                  source=dom.dataset))
+                                  description=f"{name} images, streamed at 224x224 (end-to-end; "
+                                              f"`dabench data download {dom.dataset}`)",
+                                  source=dom.dataset, streamed=True, classes=dom.classes))
+        if dom.dataset == "office-caltech10-images":
+            continue  # the SURF/DeCAF features below are the published Office-Caltech10 features
         for bb, dim in FEATURE_BACKBONES.items():
             out.append(DomainSpec(f"{name}@{bb}", label_space, len(dom.classes), (dim,), _feature_loader(dom, bb),
                                   description=f"{name} {bb} ImageNet features (head protocol, cached on disk)",
