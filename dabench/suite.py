@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import tomllib
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path

@@ -372,7 +372,7 @@ def _fit(cls: type[Method], tiny: TinyTask, seed: int = 0, device: str = "cpu",
 
             X = guarded.target_test.X if stream_X is None else stream_X
             out.stream = run_stream(out.predictor, X, seed=seed, batch_size=tiny.batch_size,
-                                    n_classes=split.n_classes)
+                                    n_classes=guarded.n_classes)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - reported as a check failure

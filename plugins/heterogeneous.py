@@ -86,7 +86,6 @@ with ``feature_space = "native"``).  Two methods:
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 import torch

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from conftest import TINY_SUITE, run_cli, write
 from dabench.plugins import get_registry

@@ -11,7 +11,6 @@ from torch import nn
 
 from conftest import make_task
 from dabench import diagnostics
-from dabench.contract import Budget
 from dabench.source_model import SourceRecipe, with_source_model
 from dabench.tracks import norm_layers, run_stream, task_for_track
 from dabench_plugins.bn_adapt import AdaBN, BNAdapt

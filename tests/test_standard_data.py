@@ -406,7 +406,6 @@ def test_office31_folders_download_pin_and_load(mirror, monkeypatch, tmp_path, r
 def _tiny_pretrained_backbone(shape):
     """A stand-in for the ImageNet ResNet-50 on CPU: 8x average pooling, one
     conv, global pooling (16-d), marked pretrained like the ResNets."""
-    import torch
     from torch import nn
 
     from dabench.backbones import _Unflatten, mark_pretrained

@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import zipfile
 import zlib
