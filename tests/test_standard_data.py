@@ -723,3 +723,36 @@ def test_run_with_missing_data_says_so_once_per_dataset_and_stores_nothing(tmp_p
         assert f"dabench data download {name} --data-root {empty}" in r.stderr
     with sqlite3.connect(results / "runs.sqlite") as con:
         assert con.execute("SELECT COUNT(*) FROM runs").fetchone() == (0,)
+
+
+def test_export_npz_makes_the_reproduction_arrays_from_a_download(mirror, monkeypatch, tmp_path):
+    """scripts/export_npz.py turns the downloaded USPS (LIBSVM, [-1, 1]) into
+    the uint8 npz a suite's [domains] table reads: the same pixels, the
+    same labels, rows sliced on request."""
+    from dabench.cli import main
+    from dabench.data.files import parse_domain_table
+
+    spec_ = importlib.util.spec_from_file_location("export_npz", Path(__file__).parents[1] / "scripts" / "export_npz.py")
+    export = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(export)
+    root = tmp_path / "data"
+    files, x, y = usps_files(30, 10)
+    publish(mirror, monkeypatch, "usps", files)
+    assert main(["data", "download", "usps", "--data-root", str(root)]) == 0
+    out = tmp_path / "arrays" / "usps.npz"
+    assert export.main(["usps", str(out), "--data-root", str(root)]) == 0
+    d = np.load(out)
+    assert d["X"].dtype == np.uint8 and d["X"].shape == (40, 1, 16, 16)
+    # the LIBSVM copy keeps 6 decimals of v/127.5 - 1: every pixel comes back exactly
+    np.testing.assert_array_equal(d["X"].reshape(40, 16, 16), x)
+    np.testing.assert_array_equal(d["y"], y)
+    spec = parse_domain_table("usps-real", {"path": "usps.npz", "format": "npz", "label_space": "digits10"},
+                              suite_dir=tmp_path, data_root=out.parent, registered={})
+    X, Y = spec.load(None)
+    assert X.shape == (40, 1, 16, 16) and np.allclose(X * 255, x[:, None].astype(np.float32), atol=1e-3)
+    assert export.main(["usps", str(tmp_path / "part.npz"), "--data-root", str(root), "--rows", "30:40"]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "part.npz")["y"], y[30:])
+    with pytest.raises(SystemExit, match="40 rows"):
+        export.main(["usps", str(tmp_path / "bad.npz"), "--data-root", str(root), "--rows", "30:50"])
+    with pytest.raises(SystemExit, match="did you mean 'usps'"):
+        export.main(["uspss", str(tmp_path / "bad.npz")])
