@@ -378,7 +378,7 @@ def test_image_folder_pair_runs_end_to_end(tmp_path):
     _two_folders(tmp_path)
     res = run_cli("run", str(_folder_suite(tmp_path)), "--results", str(tmp_path / "res"), "--device", "cpu")
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "1 runs (1 ok" in res.stdout + res.stderr
+    assert "1 run (1 ok" in res.stdout + res.stderr
 
 
 # ---------------------------------------------------------------------------
@@ -460,7 +460,7 @@ def test_csv_pair_runs_end_to_end_standardised(tmp_path):
     _save(_frame(seed=1, shift=0.5), tmp_path / "t.csv")
     res = run_cli("run", str(_table_suite(tmp_path)), "--results", str(tmp_path / "res"), "--device", "cpu")
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "1 runs (1 ok" in res.stdout + res.stderr
+    assert "1 run (1 ok" in res.stdout + res.stderr
 
 
 @pytest.mark.parametrize("edit,extra,key,expected", [
