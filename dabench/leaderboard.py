@@ -959,7 +959,7 @@ def compute_leaderboard(
         _group=methods["rank_group"].fillna(len(rank_groups)).astype(int),
         _rank=methods["avg_rank"].fillna(0.0).round(_RANK_DECIMALS),
         _acc=-methods["mean_acc"].fillna(-1.0).round(_RANK_DECIMALS),
-    ).sort_values(["_ref", "_track", "_tname", "_norank", "_group", "_rank", "_acc", "method"], kind="mergesort")
+    ).sort_values(["_track", "_tname", "_ref", "_norank", "_group", "_rank", "_acc", "method"], kind="mergesort")
     methods = methods.drop(columns=["_ref", "_track", "_tname", "_norank", "_group", "_rank", "_acc"]
                            ).reset_index(drop=True)
 

@@ -258,4 +258,8 @@ def points_only_p(correct_method: Sequence[np.ndarray], correct_ref: Sequence[np
 
 #: The calibration's figures, as the report prints them (``benchmarks/calibration``:
 #: ``calibrate_nt.py``; numbers from its ``calibration.md``).
-CALIBRATION = ("not yet calibrated")
+CALIBRATION = ("on the quick suite's pairs with a null (the reference under another name, its own seed "
+               "stream) and a planted ~5-point loss, over subsets of 17-40 seeds per pair, this test flagged the "
+               "null in 2.6 % of cells at 3 seeds (3.8 % at 5) and the planted loss in 97 % of the cells where it "
+               "exceeded the stated MDE (99 % at 5 seeds); with 3 seeds the median stated MDE was 4.7 points, "
+               "13-14 on the two noisiest synthetic pairs (benchmarks/calibration/calibration.md)")

@@ -39,9 +39,12 @@ class Mutant:
 
 
 MUTANTS = (
-    # the spot-check: 8 plausible bugs in the verdict, the key, CBST, the kit, resume, DANN
-    Mutant("nt-verdict-uses-raw-p", "dabench/leaderboard.py",
-           'elif r["nt_p_holm"] < NT_ALPHA and r["gap_mean"] < 0:', 'elif r["nt_p"] < NT_ALPHA and r["gap_mean"] < 0:',
+    # the spot-check: plausible bugs in the verdict, the key, CBST, the kit, resume, DANN
+    Mutant("nt-verdict-flags-a-gain", "dabench/verdicts.py",
+           "    elif pw < alpha:\n", "    elif min(pw, pb) < alpha:\n",
+           ("tests/test_mutations.py",)),
+    Mutant("nt-verdict-drops-point-floor", "dabench/verdicts.py",
+           "    t, pw, pb = one_sided_t(d, floor)", "    t, pw, pb = one_sided_t(d, 0.0)",
            ("tests/test_mutations.py",)),
     Mutant("holm-over-all-methods", "dabench/leaderboard.py",
            'for m, idx in out.groupby("method").groups.items():', 'for m, idx in [(None, out.index)]:',
@@ -54,8 +57,9 @@ MUTANTS = (
            "            backbone=self.backbone,\n            contract=CONTRACT_VERSION,",
            "            contract=CONTRACT_VERSION,",
            ("tests/test_mutations.py",)),
-    Mutant("cbst-rank-floored", "plugins/cbst.py",
-           "rank = max(1, math.ceil(portion * mc.numel()))", "rank = max(1, math.floor(portion * mc.numel()))",
+    Mutant("cbst-rank-ceiled", "plugins/cbst.py",
+           "rank = min(mc.numel(), math.floor(portion * mc.numel() + 1e-9))",
+           "rank = min(mc.numel(), math.ceil(portion * mc.numel() - 1e-9))",
            ("tests/test_mutations.py",)),
     Mutant("kit-target-train-unguarded", "dabench/testing.py",
            'target_train=_guarded(raw.target_train, "target train labels", _ACCESSES),',

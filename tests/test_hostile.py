@@ -264,7 +264,7 @@ def test_each_run_starts_from_a_clean_process_state(tmp_path):
     suite = write(tmp_path / "s.toml", text)
     # probe before mess within a seed: the suite's method order is probe, mess, source-only
     r = run_cli("run", str(suite), "--results", str(tmp_path / "res"), "--plugins-dir", str(pdir),
-                "--device", "cpu", "--threads", "1")
+                "--device", "cpu", "--threads", "1", "--jobs", "1")  # one worker, in suite order
     assert r.returncode == 0, r.stderr
     states = [json.loads(x) for x in log.read_text().splitlines()]
     assert len(states) == 2 and states[0]["pid"] == states[1]["pid"]  # one long-lived worker
@@ -298,7 +298,7 @@ def test_a_worker_that_cannot_restore_its_state_is_replaced(tmp_path):
     text = SUITE.format(methods="[methods.probe]\n[methods.unrestorable]").replace("seeds = 1", "seeds = [0, 1]")
     suite = write(tmp_path / "s.toml", text)
     r = run_cli("run", str(suite), "--results", str(tmp_path / "res"), "--plugins-dir", str(pdir),
-                "--device", "cpu", "--threads", "1")
+                "--device", "cpu", "--threads", "1", "--jobs", "1")  # one worker, in suite order
     assert r.returncode == 0, r.stderr
     assert "retrying" not in r.stderr  # no run is blamed
     states = [json.loads(x) for x in log.read_text().splitlines()]

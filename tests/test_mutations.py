@@ -2,12 +2,15 @@
 surviving the suite (``scripts/mutation_check.py`` re-applies each one and
 checks that these, or other, tests catch it):
 
-- the negative-transfer verdict reading the raw instead of the
-  Holm-adjusted p-value;
-- Holm's correction applied over all methods instead of per method;
+- the negative-transfer verdict (one-sided, per cell: dabench.verdicts)
+  flagging a cell that is significantly *better*, or dropping the test
+  points' floor under the seeds' spread;
+- Holm's correction (the reported ``nt_p_holm``) applied over all methods
+  instead of per method;
 - reference rows (target-oracle) no longer excluded from the test;
 - ``backbone`` dropped from the run key;
-- CBST's class-threshold rank floored instead of ceiled;
+- CBST's class-threshold rank ceiled instead of floored (the reference's
+  ``kc_parameters`` floors ``portion * N_c``);
 - the kit leaving target *train* labels unguarded for non-oracle methods.
 """
 
@@ -54,12 +57,22 @@ def test_preconditions_of_the_crafted_gaps():
     assert paired_t_test(NOISE)[1] > 0.5
 
 
-def test_the_verdict_reads_the_holm_adjusted_p_value():
-    # one method, two pairs: raw p = 0.029 on a:b, but Holm over the method's two pairs doubles it
-    board = compute_leaderboard(_rows({("m", "a:b"): SIGNIFICANT, ("m", "c:d"): NOISE}))
-    c = board.cell("m", "a:b")
-    assert c["nt_p"] < 0.05 <= c["nt_p_holm"]
-    assert c["nt_flag"] == "n.s."
+def test_the_verdict_is_one_sided_and_read_per_cell():
+    # SIGNIFICANT is a loss (one-sided p = 0.015): negative transfer; the same gaps as a gain are "better"
+    board = compute_leaderboard(_rows({("m", "a:b"): SIGNIFICANT, ("m", "c:d"): [-g for g in SIGNIFICANT]}))
+    assert board.cell("m", "a:b")["nt_flag"] == "negative transfer"
+    assert board.cell("m", "c:d")["nt_flag"] == "better"
+    assert board.cell("m", "c:d")["nt_p_worse"] > 0.9
+
+
+def test_the_verdict_keeps_the_test_points_floor_under_the_seed_spread():
+    from dabench.verdicts import nt_verdict
+
+    # three seeds agreeing to a hundredth of a point on a 0.3-point loss: without the floor this is
+    # "significant"; with a 1-point sampling spread of a gap it is not
+    gaps = [-0.0030, -0.0031, -0.0029]
+    assert nt_verdict(gaps).flag == "negative transfer"
+    assert nt_verdict(gaps, point_sd=0.01).flag == "n.s."
 
 
 def test_holm_is_applied_per_method_not_over_all_methods():
@@ -91,17 +104,19 @@ def test_only_the_backbone_changes_the_run_key(registry, tmp_path):
     assert a[0].key != b[0].key
 
 
-def test_cbst_threshold_rank_is_the_ceiling_of_the_portion():
+def test_cbst_threshold_rank_is_the_floor_of_the_portion():
     torch = pytest.importorskip("torch")
     from dabench_plugins.cbst import class_balanced_thresholds
 
-    # five points predicted as class 0 with confidences 0.9 .. 0.55, portion 0.5:
-    # p * N = 2.5, rank ceil(2.5) = 3 -> the third largest confidence, 0.7
+    # five points predicted as class 0 with confidences 0.9 .. 0.55, portion 0.5: p * N = 2.5,
+    # rank floor(2.5) = 2 (the reference's kc_parameters) -> the second largest confidence, 0.8
     conf = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.55], dtype=torch.float64)
     proba = torch.stack([conf, 1 - conf], dim=1)
     thr = class_balanced_thresholds(proba, 0.5)
-    assert thr[0].item() == pytest.approx(0.7)
+    assert thr[0].item() == pytest.approx(0.8)
     assert math.isinf(thr[1].item())
+    # a class too small for one sample at this portion selects nothing
+    assert math.isinf(class_balanced_thresholds(proba[:1], 0.5)[0].item())
 
 
 KIT_TRAIN_PEEKER = '''

@@ -38,7 +38,9 @@ def test_new_plugin_installs_lists_checks_and_runs_in_a_suite(tmp_path):
     check = run_cli("plugin", "check", "ent-min", env=env)
     assert check.returncode == 0, check.stdout + check.stderr
     lines = [l for l in check.stdout.splitlines() if l.startswith(("PASS", "FAIL", "SKIP"))]
-    assert len(lines) == 8 and not any(l.startswith("FAIL") for l in lines), check.stdout
+    from dabench.testing import CHECKS
+
+    assert len(lines) == len(CHECKS) and not any(l.startswith("FAIL") for l in lines), check.stdout
     assert any(l.startswith("PASS  ent-min  check_determinism") for l in lines)
 
     # the generated test is the kit, one pytest test per check (ids end with the check name for -k)
@@ -47,7 +49,8 @@ def test_new_plugin_installs_lists_checks_and_runs_in_a_suite(tmp_path):
                           capture_output=True, text=True, env=e, cwd=tmp_path, timeout=600)
     assert test.returncode == 0, test.stdout + test.stderr
     assert "test_dabench_conformance[ent-min-check_determinism] PASSED" in test.stdout, test.stdout
-    assert " 7 passed, 1 skipped" in test.stdout or " 8 passed" in test.stdout, test.stdout
+    n = len(CHECKS)
+    assert f" {n - 1} passed, 1 skipped" in test.stdout or f" {n} passed" in test.stdout, test.stdout
 
     suite = write(tmp_path / "s.toml", TINY_SUITE.replace("[methods.dann]", "[methods.ent-min]"))
     run = run_cli("run", str(suite), "--results", str(tmp_path / "res"), "--device", "cpu", "--methods", "ent-min",

@@ -453,7 +453,10 @@ def test_office31_suite_runs_end_to_end_on_a_fixture_folder(mirror, monkeypatch,
     monkeypatch.setattr(dann_plugin, "make_sgd", recording_sgd)
     monkeypatch.setattr(dann_plugin, "TensorBatches", RecordingBatches)
     store = RunStore(tmp_path / "runs.sqlite")
-    summary = Runner(registry, store, data_root=root).run(suite)
+    # in this process: the registry and the plugin are patched here, which a worker process would not see
+    from dabench.executors import InProcessExecutor
+
+    summary = Runner(registry, store, data_root=root).run(suite, executor=InProcessExecutor(threads=1))
     assert summary.ok == 2 and summary.failed == 0, store.statuses()  # the lambda_max grid: 2 runs
     # streamed domains, both batch streams augmented with the suite's transform
     assert len(streams) == 4 and all(isinstance(X, ImageStream) and aug == "crop-flip" for X, aug in streams)

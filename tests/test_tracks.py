@@ -319,7 +319,7 @@ def test_the_leaderboard_ranks_within_a_track_and_keeps_the_verdict_for_every_tr
     assert "| Method                 | Track" in md and "Ranks are within a track" in md
     assert "| shot                   | source-free" in md and "uda (reference of all)" in md
     nt = md.split("## Negative transfer")[1]
-    assert re.search(r"\| tent +\| test-time +\| -9\.9 \(p<0\.001\) \*\*negative transfer\*\*", nt)
+    assert re.search(r"\| tent +\| test-time +\| -9\.9 \(p<0\.001, MDE [0-9.]+\) \*\*negative transfer\*\*", nt)
 
 
 def test_a_store_from_before_tracks_reads_as_uda(tmp_path):
