@@ -35,7 +35,7 @@ from dabench.store import RunStore  # noqa: E402
 
 
 def evaluate(folder: Path, validator: str | None) -> tuple[dict, pd.DataFrame]:
-    with RunStore(folder, create=False) as st:
+    with RunStore.open_readonly(folder) as st:
         v = validator or st.get_meta("validator") or "source-val"
     board = build_leaderboard(folder, validator=v)
     return dict(board.warning_eval), board.cells.assign(store=str(folder))
