@@ -627,6 +627,8 @@ class Runner:
                         if sm.trained:
                             self.store.add_source_model(sm, trained_by=spec.key)
                             summary.source_models_trained.add(sm.key)
+                            # a parallel run that loaded it may have finished first: it was not reused
+                            summary.source_models_reused.discard(sm.key)
                         elif sm.key not in summary.source_models_trained:
                             summary.source_models_reused.add(sm.key)
                     summary.ran += 1
