@@ -130,7 +130,12 @@ def to_markdown(board: Any) -> list[str]:
            "data sizes, networks or budgets differ (see *Setting*).", ""]
     table = []
     for r in rows:
-        dab = "—" if r["dabench_mean"] is None else f"{r['dabench_mean']:.1f} ± {r['dabench_std'] or 0:.1f} ({r['n_seeds']})"
+        if r["dabench_mean"] is None:
+            dab = "—"
+        elif r["n_seeds"] == 1:  # one seed has no spread: say so rather than print ± 0.0
+            dab = f"{r['dabench_mean']:.1f} (1, no spread)"
+        else:
+            dab = f"{r['dabench_mean']:.1f} ± {r['dabench_std'] or 0:.1f} ({r['n_seeds']})"
         table.append([pair_label(r["pair"]), _md_escape(r["method"]), _f(r["accuracy"]), dab, _f(r["gap"], True),
                       _f(r["published_gain"], True), _f(r["dabench_gain"], True), _md_escape(r["source"])])
     out += _md_table(["Pair", "Method", "Published", "dabench (seeds)", "Gap", "Published gain", "dabench gain",
