@@ -73,10 +73,8 @@ def rank_cells(cells: pd.DataFrame, ranked: Mapping[str, bool], pairs: Sequence[
             return str(r.health)
         return "suspect (not cleared)" if bool(getattr(r, "suspicious", False)) else "no accuracy"
 
-    track_of = {}
-    if "track" in cells:
-        for m, t in zip(cells["method"], cells["track"]):
-            track_of.setdefault(m, "uda" if t is None or (isinstance(t, float) and math.isnan(t)) else str(t))
+    # the leaderboard has already read a missing track (a store from before tracks) as "uda"
+    track_of = dict(zip(cells["method"], cells["track"])) if "track" in cells else {}
 
     applies: dict[tuple[str, frozenset], list[str]] = {}
     for m in methods:
