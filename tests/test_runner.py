@@ -118,8 +118,9 @@ def _rows_by_key(folder):
 def test_kill_9_mid_sweep_then_resume_loses_and_duplicates_nothing(tmp_path):
     suite = write(tmp_path / "s.toml", TINY_SUITE.replace("seeds = 2", "seeds = 6"))
     res = tmp_path / "res"
-    proc = subprocess.Popen([sys.executable, "-m", "dabench", "run", str(suite), "--results", str(res), "--device", "cpu"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # one worker (the pool of two is killed the same way in test_executors)
+    proc = subprocess.Popen([sys.executable, "-m", "dabench", "run", str(suite), "--results", str(res), "--device", "cpu",
+                             "--jobs", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db = res / "runs.sqlite"
     deadline = time.time() + 120
     n = 0
@@ -139,7 +140,7 @@ def test_kill_9_mid_sweep_then_resume_loses_and_duplicates_nothing(tmp_path):
     with sqlite3.connect(db) as con:
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     partial = _rows_by_key(res)
-    r = run_cli("run", str(suite), "--results", str(res), "--device", "cpu")
+    r = run_cli("run", str(suite), "--results", str(res), "--device", "cpu", "--jobs", "1")
     assert r.returncode == 0, r.stderr
     assert f"{len(partial)} already in" in r.stderr
     final = _rows_by_key(res)

@@ -164,7 +164,9 @@ def _found(log: Path) -> dict[str, set[bool]]:
     return out
 
 
-@pytest.mark.parametrize("jobs", [None, "2"])
+# one worker (the serial path) and a pool of two: both explicit, so that a 2-core machine,
+# where the default is two, does not run the pool twice
+@pytest.mark.parametrize("jobs", ["1", "2"])
 def test_fit_runs_where_the_host_holds_no_target_labels(tmp_path, jobs):
     log, pdir, suite = _setup(tmp_path, ["cheat-stack", "cheat-gc"])
     r = run_cli("run", str(suite), "--results", str(tmp_path / "res"), "--plugins-dir", str(pdir), "--device", "cpu",
