@@ -21,12 +21,28 @@ from dabench.store import RunStore, StoreError
 # ---------------------------------------------------------------- stores
 
 
-def _tiny_store(tmp_path: Path) -> Path:
-    suite = write(tmp_path / "s.toml", TINY_SUITE.replace("seeds = 2", "seeds = 1"))
-    res = tmp_path / "res"
-    r = run_cli("run", str(suite), "--results", str(res), "--device", "cpu", "--methods", "source-only")
+@pytest.fixture(scope="module")
+def _one_run_store(tmp_path_factory) -> Path:
+    """A results folder holding one run, computed once for this module's tests (each gets a copy)."""
+    base = tmp_path_factory.mktemp("one-run")
+    suite = write(base / "s.toml", TINY_SUITE.replace("seeds = 2", "seeds = 1"))
+    r = run_cli("run", str(suite), "--results", str(base / "res"), "--device", "cpu", "--methods", "source-only")
     assert r.returncode == 0, r.stderr
-    return res
+    return base
+
+
+@pytest.fixture
+def _tiny_store(_one_run_store, tmp_path):
+    """``f(tmp_path)``: a copy of the one-run results folder in ``tmp_path / "res"``, and its
+    suite as ``tmp_path / "s.toml"``."""
+    import shutil
+
+    def make(folder: Path) -> Path:
+        shutil.copy(_one_run_store / "s.toml", folder / "s.toml")
+        shutil.copytree(_one_run_store / "res", folder / "res")
+        return folder / "res"
+
+    return make
 
 
 @contextmanager
@@ -55,7 +71,7 @@ def _read_only(folder: Path):
         subprocess.run(["umount", str(folder)], capture_output=True)
 
 
-def test_reports_read_a_store_on_a_read_only_mount_and_never_write_it(tmp_path):
+def test_reports_read_a_store_on_a_read_only_mount_and_never_write_it(tmp_path, _tiny_store):
     res = _tiny_store(tmp_path)
     for p in res.glob("runs.sqlite-*"):
         p.unlink()  # as left by a clean shutdown
@@ -73,7 +89,7 @@ def test_reports_read_a_store_on_a_read_only_mount_and_never_write_it(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_a_damaged_store_gives_one_clear_error(tmp_path, damage):
+def test_a_damaged_store_gives_one_clear_error(tmp_path, damage, _tiny_store):
     res = _tiny_store(tmp_path)
     db = res / "runs.sqlite"
     for p in res.glob("runs.sqlite-*"):
