@@ -32,17 +32,12 @@ def _one_run_store(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def _tiny_store(_one_run_store, tmp_path):
-    """``f(tmp_path)``: a copy of the one-run results folder in ``tmp_path / "res"``, and its
-    suite as ``tmp_path / "s.toml"``."""
+def tiny_store(_one_run_store, tmp_path) -> Path:
+    """A copy of the one-run results folder as ``tmp_path / "res"``, its suite as ``tmp_path / "s.toml"``."""
     import shutil
 
-    def make(folder: Path) -> Path:
-        shutil.copy(_one_run_store / "s.toml", folder / "s.toml")
-        shutil.copytree(_one_run_store / "res", folder / "res")
-        return folder / "res"
-
-    return make
+    shutil.copy(_one_run_store / "s.toml", tmp_path / "s.toml")
+    return Path(shutil.copytree(_one_run_store / "res", tmp_path / "res"))
 
 
 @contextmanager
@@ -71,8 +66,8 @@ def _read_only(folder: Path):
         subprocess.run(["umount", str(folder)], capture_output=True)
 
 
-def test_reports_read_a_store_on_a_read_only_mount_and_never_write_it(tmp_path, _tiny_store):
-    res = _tiny_store(tmp_path)
+def test_reports_read_a_store_on_a_read_only_mount_and_never_write_it(tmp_path, tiny_store):
+    res = tiny_store
     for p in res.glob("runs.sqlite-*"):
         p.unlink()  # as left by a clean shutdown
     before = (res / "runs.sqlite").read_bytes()
@@ -89,8 +84,8 @@ def test_reports_read_a_store_on_a_read_only_mount_and_never_write_it(tmp_path, 
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_a_damaged_store_gives_one_clear_error(tmp_path, damage, _tiny_store):
-    res = _tiny_store(tmp_path)
+def test_a_damaged_store_gives_one_clear_error(tmp_path, damage, tiny_store):
+    res = tiny_store
     db = res / "runs.sqlite"
     for p in res.glob("runs.sqlite-*"):
         p.unlink()

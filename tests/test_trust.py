@@ -170,7 +170,7 @@ def _found(log: Path) -> dict[str, set[bool]]:
 def test_fit_runs_where_the_host_holds_no_target_labels(tmp_path, jobs):
     log, pdir, suite = _setup(tmp_path, ["cheat-stack", "cheat-gc"])
     r = run_cli("run", str(suite), "--results", str(tmp_path / "res"), "--plugins-dir", str(pdir), "--device", "cpu",
-                "--methods", "cheat-stack,cheat-gc", *(["--jobs", jobs] if jobs else []))
+                "--methods", "cheat-stack,cheat-gc", "--jobs", jobs)
     assert r.returncode == 0, r.stderr
     assert _found(log) == {"cheat-stack": {False}, "cheat-gc": {False}}
     with RunStore.open_readonly(tmp_path / "res") as st:
